@@ -1,0 +1,86 @@
+"""Which implementation runs an op: the Triton kernels or the PyTorch reference.
+
+``auto`` (the default) runs the kernels on CUDA tensors and the reference elsewhere;
+``triton`` runs the kernels everywhere, which on a CPU needs the Triton interpreter
+(``TRITON_INTERPRET=1`` set before ``triton`` is imported); ``torch`` runs the reference
+everywhere. The environment variable ``VIT_KERNELS_BACKEND`` sets the default.
+
+The patch-embed op has a third implementation, the C++/CUDA extension: its dispatch lives
+in ``ops/patch_embed.py`` and only reads the backend chosen here.
+"""
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import os
+from typing import Iterator
+
+import torch
+
+BACKENDS = ("auto", "triton", "torch")
+ENV_VAR = "VIT_KERNELS_BACKEND"
+
+
+def _checked(name: str) -> str:
+    if name not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}; got {name!r}")
+    return name
+
+
+_current = _checked(os.environ.get(ENV_VAR, "auto"))
+
+
+def get_backend() -> str:
+    return _current
+
+
+def set_backend(name: str) -> None:
+    """Choose the implementation for every op from now on: "auto", "triton" or "torch"."""
+    global _current
+    _current = _checked(name)
+
+
+@contextlib.contextmanager
+def use_backend(name: str) -> Iterator[None]:
+    """Run the enclosed code with another backend, then restore the previous one."""
+    global _current
+    previous, _current = _current, _checked(name)
+    try:
+        yield
+    finally:
+        _current = previous
+
+
+def interpreter_enabled() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def triton_installed() -> bool:
+    return importlib.util.find_spec("triton") is not None
+
+
+def kernel_choice(device: torch.device | str) -> tuple[str, str]:
+    """("triton" | "torch", why) for a tensor on ``device`` under the current backend."""
+    device = torch.device(device)
+    if _current == "torch":
+        return "torch", "backend 'torch' selected"
+    if not triton_installed():
+        reason = "triton is not installed"
+        if _current == "triton":
+            raise RuntimeError(f"backend 'triton' selected but {reason}")
+        return "torch", reason
+    if device.type == "cuda":
+        return "triton", f"backend {_current!r} on a CUDA tensor"
+    if _current == "auto":
+        return "torch", f"backend 'auto' on a {device.type} tensor (the kernels need CUDA)"
+    if interpreter_enabled():
+        return "triton", "backend 'triton' through the Triton interpreter (TRITON_INTERPRET=1)"
+    raise RuntimeError(
+        f"backend 'triton' selected for a {device.type} tensor, but the kernels need a CUDA tensor "
+        "or the Triton interpreter: set TRITON_INTERPRET=1 before importing vit_kernels"
+    )
+
+
+def use_triton(tensor: torch.Tensor) -> bool:
+    """Whether an op on ``tensor`` runs its Triton kernel (raises if 'triton' cannot)."""
+    return kernel_choice(tensor.device)[0] == "triton"

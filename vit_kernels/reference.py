@@ -1,0 +1,114 @@
+"""The pure-PyTorch version of every op: the CPU fallback and the oracle of every test.
+
+Each function states the op's semantics in a few lines of PyTorch; the kernels must agree
+with it to within PyTorch's own rounding error.
+"""
+from __future__ import annotations
+
+from typing import Callable, Optional
+
+import torch
+import torch.nn.functional as F
+
+Norm = Optional[Callable[[torch.Tensor], torch.Tensor]]
+
+
+def attention(q, k, v, scale: Optional[float] = None, dropout_p: float = 0.0) -> torch.Tensor:
+    """softmax(scale * q @ k^T) @ v over (B, H, N, D) tensors; ``scale`` defaults to D ** -0.5."""
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    probs = torch.softmax((q * scale) @ k.transpose(-2, -1), dim=-1)
+    if dropout_p > 0:
+        probs = F.dropout(probs, p=dropout_p)
+    return probs @ v
+
+
+def split_qkv(qkv: torch.Tensor, num_heads: int):
+    """(B, N, 3 * H * D) packed projection -> q, k, v of shape (B, H, N, D) (views)."""
+    B, N, _ = qkv.shape
+    return qkv.reshape(B, N, 3, num_heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
+
+
+def qkv_attention(qkv, num_heads: int, scale: Optional[float] = None, dropout_p: float = 0.0,
+                  q_norm: Norm = None, k_norm: Norm = None) -> torch.Tensor:
+    """Attention on the packed (B, N, 3 * C) qkv projection -> (B, N, C) for the output projection.
+
+    ``q_norm``/``k_norm`` (timm's qk-norm) are applied over the head dim of q and k.
+    """
+    B, N, _ = qkv.shape
+    q, k, v = split_qkv(qkv, num_heads)
+    if q_norm is not None:
+        q = q_norm(q)
+    if k_norm is not None:
+        k = k_norm(k)
+    out = attention(q, k, v, scale, dropout_p)
+    return out.transpose(1, 2).reshape(B, N, -1)
+
+
+def add_layer_norm(x, residual, weight, bias, eps: float = 1e-6, gamma=None, row_scale=None,
+                   residual_dtype: Optional[torch.dtype] = None):
+    """new_residual = residual + gamma * row_scale[:, None] * x;  normed = LayerNorm(new_residual).
+
+    Absent factors are 1; ``residual=None`` means new_residual = gamma * row_scale * x.
+    ``row_scale`` has one entry per sample (dim 0), broadcast over the other dims.
+    Returns (normed, new_residual); new_residual is in ``residual_dtype`` if given.
+    """
+    branch = x
+    if gamma is not None:
+        branch = branch * gamma
+    if row_scale is not None:
+        branch = branch * row_scale.reshape(-1, *([1] * (x.dim() - 1)))
+    new_residual = branch if residual is None else residual + branch
+    if residual_dtype is not None:
+        new_residual = new_residual.to(residual_dtype)
+    normed = F.layer_norm(new_residual, (x.shape[-1],), weight, bias, eps).to(x.dtype)
+    return normed, new_residual
+
+
+ACTIVATIONS = ("gelu", "gelu_tanh", "quick_gelu")
+
+
+def activation(x: torch.Tensor, name: str) -> torch.Tensor:
+    """gelu (exact erf), gelu_tanh (tanh approximation) or quick_gelu (x * sigmoid(1.702 x))."""
+    if name == "gelu":
+        return F.gelu(x)
+    if name == "gelu_tanh":
+        return F.gelu(x, approximate="tanh")
+    if name == "quick_gelu":
+        return x * torch.sigmoid(1.702 * x)
+    raise ValueError(f"activation must be one of {ACTIVATIONS}; got {name!r}")
+
+
+def linear(x, weight, bias=None) -> torch.Tensor:
+    """x @ weight^T + bias."""
+    return F.linear(x, weight, bias)
+
+
+def linear_gelu(x, weight, bias=None, activation_name: str = "gelu") -> torch.Tensor:
+    """activation(x @ weight^T + bias); exact-erf GELU by default."""
+    return activation(F.linear(x, weight, bias), activation_name)
+
+
+def patch_embed(images, weight, bias=None, pos_embed=None, prefix_tokens=None,
+                mean=None, std=None) -> torch.Tensor:
+    """Image (B, C, H, W) -> tokens (B, P + L, D).
+
+    uint8 images are scaled to [0, 1]; then (image - mean) / std per channel if given; then a
+    Conv2d with kernel = stride = patch, flattened to L = (H / p) * (W / p) tokens. Prefix
+    tokens (1, P, D) go in front. A pos_embed of length P + L is added to every token, one of
+    length L to the patch tokens only (timm's ``no_embed_class``).
+    """
+    x = images.to(weight.dtype)
+    if images.dtype == torch.uint8:
+        x = x / 255
+    if mean is not None:
+        x = (x - mean.to(x).reshape(1, -1, 1, 1)) / std.to(x).reshape(1, -1, 1, 1)
+    tokens = F.conv2d(x, weight, bias, stride=weight.shape[-2:]).flatten(2).transpose(1, 2)
+    num_prefix = 0 if prefix_tokens is None else prefix_tokens.shape[1]
+    if pos_embed is not None and pos_embed.shape[1] == tokens.shape[1]:
+        tokens = tokens + pos_embed
+        pos_embed = None
+    if num_prefix:
+        tokens = torch.cat([prefix_tokens.expand(tokens.shape[0], -1, -1), tokens], dim=1)
+    if pos_embed is not None:
+        tokens = tokens + pos_embed
+    return tokens
