@@ -106,6 +106,14 @@ def test_attention_strided(shape, dtype):
     _check_against_reference(vk.ops.attention, reference.attention, inputs, [], ["dq", "dk", "dv"])
 
 
+@pytest.mark.parametrize("head_dim", [16, 96, 112, 128])
+def test_head_dims(head_dim):
+    """The ends of the supported range and the other non-powers of two (padded lanes masked)."""
+    B, H, N = 1, 2, 33
+    inputs = [torch.randn(B, H, N, head_dim, device=DEVICE, requires_grad=True) for _ in range(3)]
+    _check_against_reference(vk.ops.attention, reference.attention, inputs, [], ["dq", "dk", "dv"])
+
+
 class _RMSNorm(nn.Module):
     """A norm the kernel does not fuse (not an nn.LayerNorm): applied in PyTorch."""
 
@@ -281,6 +289,11 @@ def test_opcheck():
         torch.library.opcheck(attention_op._qkv_attention_fwd, (qkv, H, D ** -0.5, 0.0, None, w, b, 1e-5,
                                                                   None, None, 0.0))
         torch.library.opcheck(attention_op._attention_fwd, (q, k, v, 0.3, 0.0, None, True))
+        # The backward op has no derivative of its own (no double backward): plain tensors.
+        qkv, w, b = qkv.detach(), w.detach(), b.detach()
+        out, lse = attention_op._qkv_attention_fwd(qkv, H, D ** -0.5, 0.0, None, w, b, 1e-5, None, None, 0.0)
+        torch.library.opcheck(attention_op._qkv_attention_bwd, (torch.randn_like(out), qkv, out, lse, H,
+                                                                  D ** -0.5, 0.0, None, w, b, 1e-5, None, None, 0.0))
 
 
 def test_torch_compile_fullgraph():

@@ -19,6 +19,11 @@ Backward, with pd_ij = p_ij z_ij / (1 - dropout_p):
     dq_i = scale * sum_j ds_ij k_j ;  dk_j = scale * sum_i ds_ij q_i
 p is recomputed from lse, never stored; no atomics, so the gradients are deterministic.
 
+Precision: statistics (m, l, lse, delta) and accumulators are float32 for every input dtype;
+dot operands stay in the input dtype (p and ds are cast to it). float32 dots run with
+``INPUT_PRECISION`` = "ieee" unless the host passes "tf32" (it follows PyTorch's
+``torch.backends.cuda.matmul.allow_tf32``).
+
 qk-norm: q and k rows can be LayerNorm-ed over D as each tile is loaded, y = xhat * w + b with
 xhat = (x - mean) * rstd. Its backward, with dy the gradient w.r.t. the normalised row:
     g = dy * w ;  c1 = mean_d(xhat * g) ;  c2 = mean_d(g)
@@ -71,16 +76,9 @@ def _configs(stage: str) -> list:
             for m, n, w in shapes for s in (2, 3)]
 
 
-def _prune(configs, named_args, **kwargs):
-    """Drop configs whose tiles are larger than the sequence needs (N = 1, 17 ...)."""
-    limit = max(MIN_BLOCK, triton.next_power_of_2(named_args["N"]))
-    kept = [c for c in configs if c.kwargs["BLOCK_M"] <= limit and c.kwargs["BLOCK_N"] <= limit]
-    return kept or configs[:1]
-
-
 def _autotune(stage: str):
-    return triton.autotune(configs=_configs(stage), key=["N", "HEAD_DIM", "Q_NORM", "K_NORM", "DROPOUT"],
-                           prune_configs_by={"early_config_prune": _prune})
+    # Keyed on the exact N: a ViT runs a handful of fixed lengths, each tuned once.
+    return triton.autotune(configs=_configs(stage), key=["N", "HEAD_DIM", "Q_NORM", "K_NORM", "DROPOUT"])
 
 
 @triton.jit
