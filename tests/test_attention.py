@@ -153,6 +153,15 @@ def test_layer_norm_without_affine_and_eps():
         assert_within_pytorch_error("out", vk.ops.qkv_attention(qkv, H, q_norm=q_norm), baseline, exact)
 
 
+def test_identity_norms_are_no_norms():
+    """timm's qk_norm=False gives nn.Identity(): the fused path, bit-identical to no norm."""
+    B, H, N, D = 1, 2, 17, 32
+    qkv = torch.randn(B, N, 3 * H * D, device=DEVICE)
+    with vk.use_backend("triton"):
+        expected = vk.ops.qkv_attention(qkv, H)
+        assert torch.equal(vk.ops.qkv_attention(qkv, H, q_norm=nn.Identity(), k_norm=nn.Identity()), expected)
+
+
 # --- dropout ----------------------------------------------------------------------------------
 
 def _keep_mask(B, H, N, p, seed):
@@ -227,6 +236,7 @@ def test_large_logits_do_not_overflow(dtype):
     assert_within_pytorch_error("out", out, baseline, exact)
 
 
+@pytest.mark.filterwarnings("ignore:invalid value:RuntimeWarning")  # the interpreter's numpy on NaN
 def test_nan_in_gives_nan_out():
     B, H, N, D = 1, 2, 20, 32
     q, k, v = torch.randn(3, B, H, N, D, device=DEVICE)

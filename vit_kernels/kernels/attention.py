@@ -45,6 +45,8 @@ MIN_HEAD_DIM, MAX_HEAD_DIM = 16, 128
 # The smallest row block of any config: the qk-norm partial buffers have one slot per block of
 # this size, so every config's blocks find their slot (unused slots stay zero).
 MIN_BLOCK = 32
+# Rows per program of the delta preprocess: a pure row-wise reduction, no tuning needed.
+DELTA_BLOCK_M = 64
 
 
 def head_dim_block(head_dim: int) -> int:

@@ -81,24 +81,22 @@ def _input_precision(dtype: torch.dtype) -> str:
     return "tf32" if dtype != torch.float32 or torch.backends.cuda.matmul.allow_tf32 else "ieee"
 
 
-def _flags(q, norms):
-    (qw, qb, q_eps), (kw, kb, k_eps) = norms
-    return dict(q_norm=(qw, qb, q_eps), k_norm=(kw, kb, k_eps),
-                consts=dict(HEAD_DIM=q.shape[-1], BLOCK_D=kernels.head_dim_block(q.shape[-1]),
-                            Q_NORM=qw is not None, K_NORM=kw is not None,
-                            INPUT_PRECISION=_input_precision(q.dtype)))
+def _constants(q: Tensor, norms, dropout_p: float) -> dict:
+    """The kernels' constexpr flags; ``norms`` is ((q_w, q_b, q_eps), (k_w, k_b, k_eps)), None w = no norm."""
+    (qw, _, _), (kw, _, _) = norms
+    return dict(HEAD_DIM=q.shape[-1], BLOCK_D=kernels.head_dim_block(q.shape[-1]), Q_NORM=qw is not None,
+                K_NORM=kw is not None, DROPOUT=dropout_p > 0, INPUT_PRECISION=_input_precision(q.dtype))
 
 
 def _launch_fwd(q, k, v, o, lse, seed, scale, dropout_p, norms):
     if _is_fake(q):
         return
     B, H, N, _ = q.shape
-    f = _flags(q, norms)
-    (qw, qb, q_eps), (kw, kb, k_eps) = f["q_norm"], f["k_norm"]
+    (qw, qb, q_eps), (kw, kb, k_eps) = norms
     grid = lambda meta: (B * H, triton.cdiv(N, meta["BLOCK_M"]))  # noqa: E731
     wrap_triton(kernels._attention_fwd)[grid](
         q, k, v, o, lse, seed, qw, qb, kw, kb, *q.stride(), *k.stride(), *v.stride(), *o.stride(),
-        H, N, scale * LOG2E, q_eps, k_eps, dropout_p, DROPOUT=dropout_p > 0, **f["consts"])
+        H, N, scale * LOG2E, q_eps, k_eps, dropout_p, **_constants(q, norms, dropout_p))
 
 
 def _launch_bwd(do, q, k, v, o, lse, dq, dk, dv, seed, scale, dropout_p, norms):
@@ -106,13 +104,12 @@ def _launch_bwd(do, q, k, v, o, lse, dq, dk, dv, seed, scale, dropout_p, norms):
     B, H, N, D = q.shape
     if _is_fake(q):
         return lse.new_zeros(2, D), lse.new_zeros(2, D)
-    f = _flags(q, norms)
-    (qw, qb, q_eps), (kw, kb, k_eps) = f["q_norm"], f["k_norm"]
+    (qw, qb, q_eps), (kw, kb, k_eps) = norms
+    consts = _constants(q, norms, dropout_p)
     delta = lse.new_empty(B * H, N)
-    block = 64
-    wrap_triton(kernels._attention_bwd_delta)[(B * H, triton.cdiv(N, block))](
+    wrap_triton(kernels._attention_bwd_delta)[(B * H, triton.cdiv(N, kernels.DELTA_BLOCK_M))](
         o, do, delta, *o.stride(), *do.stride(), H, N,
-        HEAD_DIM=D, BLOCK_D=f["consts"]["BLOCK_D"], BLOCK_M=block)
+        HEAD_DIM=D, BLOCK_D=consts["BLOCK_D"], BLOCK_M=kernels.DELTA_BLOCK_M)
     # One (dw, db) slot per row block; zero-filled because a config with blocks larger than
     # kernels.MIN_BLOCK leaves the trailing slots unwritten.
     slots = kernels.partial_slots(N)
@@ -121,12 +118,10 @@ def _launch_bwd(do, q, k, v, o, lse, dq, dk, dv, seed, scale, dropout_p, norms):
     common = (H, N, slots, scale, scale * LOG2E, q_eps, k_eps, dropout_p)
     wrap_triton(kernels._attention_bwd_dkdv)[lambda meta: (B * H, triton.cdiv(N, meta["BLOCK_N"]))](
         q, k, v, do, lse, delta, dk, dv, seed, qw, qb, kw, kb, k_part,
-        *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dk.stride(), *dv.stride(),
-        *common, DROPOUT=dropout_p > 0, **f["consts"])
+        *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dk.stride(), *dv.stride(), *common, **consts)
     wrap_triton(kernels._attention_bwd_dq)[lambda meta: (B * H, triton.cdiv(N, meta["BLOCK_M"]))](
         q, k, v, do, lse, delta, dq, seed, qw, qb, kw, kb, q_part,
-        *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dq.stride(),
-        *common, DROPOUT=dropout_p > 0, **f["consts"])
+        *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dq.stride(), *common, **consts)
     return q_part.sum(dim=(0, 1)), k_part.sum(dim=(0, 1))
 
 
@@ -296,6 +291,8 @@ def qkv_attention(qkv: Tensor, num_heads: int, scale: Optional[float] = None,
     head_dim = qkv.shape[-1] // (3 * num_heads)
     scale = head_dim ** -0.5 if scale is None else float(scale)
     seed = _seed(qkv, dropout_p)
+    # timm passes nn.Identity() when qk_norm is off.
+    q_norm, k_norm = (None if isinstance(n, nn.Identity) else n for n in (q_norm, k_norm))
     fused = [None if n is None else _fused_layer_norm(n, head_dim, qkv) for n in (q_norm, k_norm)]
     if all(f is not None or n is None for f, n in zip(fused, (q_norm, k_norm))):
         (qw, qb, q_eps), (kw, kb, k_eps) = (f or (None, None, 0.0) for f in fused)
