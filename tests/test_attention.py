@@ -61,7 +61,6 @@ def _run(fn, inputs, modules, grad_out):
 
 def _check_against_reference(op, ref, inputs, modules, names):
     """Run op on the kernel path (poisoned outputs) and the reference in the same dtype and in float64."""
-    grad_out = None
     exact_inputs = [x.detach().double().requires_grad_() for x in inputs]
     exact_modules = [_copy_to(m, torch.float64) for m in modules]
     exact_out = ref(*exact_inputs, *exact_modules)
