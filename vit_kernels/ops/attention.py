@@ -1,33 +1,280 @@
-"""Multi-head attention: ``attention`` on (B, H, N, D) tensors, ``qkv_attention`` on the packed projection."""
+"""Multi-head attention: ``attention`` on (B, H, N, D) tensors, ``qkv_attention`` on the packed projection.
+
+On the kernel path both run the flash-attention kernels of ``vit_kernels.kernels.attention``:
+q, k, v are read through strides (``qkv_attention`` reads the (B, N, 3, H, D) projection in
+place), the output is written through strides ((B, N, H * D) for ``qkv_attention``, no
+transpose copy) and the packed gradient is written straight into one (B, N, 3 * C) buffer.
+
+Kernel-path limits: 16 <= head_dim <= 128, float16 / bfloat16 / float32, q, k, v of one length.
+float32 inputs use TF32 dot products only when PyTorch's own float32 matmuls may
+(``torch.backends.cuda.matmul.allow_tf32``, i.e. ``torch.set_float32_matmul_precision`` below
+"highest"); otherwise full-precision fp32 dots.
+
+qk-norm: ``nn.LayerNorm(head_dim)`` modules (timm's ``qk_norm=True``) are fused into the kernel,
+forward and backward (their weight and bias get gradients). Any other norm module (RMSNorm, ...)
+is applied in PyTorch to the strided q, k views and the kernel runs on the result; the packed
+gradient then goes through autograd's view machinery (one extra copy).
+"""
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 import torch
+from torch import Tensor, nn
+from torch._subclasses.fake_tensor import FakeTensor
 
 from .. import backend, reference
+
+if backend.triton_installed():
+    import triton
+    from torch.library import triton_op, wrap_triton
+
+    from ..kernels import attention as kernels
+else:  # the ops below are only reached through the kernel path, which needs triton
+    triton = kernels = None
+
+    def triton_op(name, mutates_args):
+        return torch.library.custom_op(name, mutates_args=mutates_args)
+
+    wrap_triton = None
+
+
+
+def _kernel_op(name: str):
+    """Register ``fn`` as the torch.library op ``name``; its body launches kernels via wrap_triton.
+
+    On a GPU this is ``triton_op``: torch.compile sees the kernel launches inside. Under the
+    interpreter, torch's ``wrap_triton`` hands back the raw interpreted kernel, which cannot run
+    on fake tensors, so the op is an opaque ``custom_op`` whose fake implementation is the same
+    body with the launches skipped (``_is_fake``): tracing and opcheck still cover it on a CPU.
+    """
+    def register(fn):
+        if not backend.interpreter_enabled():
+            return triton_op(name, mutates_args=())(fn)
+        op = torch.library.custom_op(name, fn, mutates_args=())
+        op.register_fake(fn)
+        return op
+    return register
+
+
+def _is_fake(t: Tensor) -> bool:
+    return isinstance(t, FakeTensor) or t.device.type == "meta"
+
+
+LOG2E = math.log2(math.e)
+KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
 def implementation(device: torch.device) -> tuple[str, str]:
     """Which implementation runs attention on ``device``, and why."""
-    return "torch", "PyTorch reference (no kernel has landed yet)"
+    impl, why = backend.kernel_choice(device)
+    if impl == "triton":
+        return "triton", f"Triton flash attention ({why})"
+    return "torch", f"PyTorch reference ({why})"
 
 
-def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: Optional[float] = None,
-              dropout_p: float = 0.0) -> torch.Tensor:
+# ---------------------------------------------------------------------------------------------
+# Launches. q, k, v, o, do, dq, dk, dv are (B, H, N, D) views with any strides.
+
+def _input_precision(dtype: torch.dtype) -> str:
+    return "tf32" if dtype != torch.float32 or torch.backends.cuda.matmul.allow_tf32 else "ieee"
+
+
+def _constants(q: Tensor, norms, dropout_p: float) -> dict:
+    """The kernels' constexpr flags; ``norms`` is ((q_w, q_b, q_eps), (k_w, k_b, k_eps)), None w = no norm."""
+    (qw, _, _), (kw, _, _) = norms
+    return dict(HEAD_DIM=q.shape[-1], BLOCK_D=kernels.head_dim_block(q.shape[-1]), Q_NORM=qw is not None,
+                K_NORM=kw is not None, DROPOUT=dropout_p > 0, INPUT_PRECISION=_input_precision(q.dtype))
+
+
+def _launch_fwd(q, k, v, o, lse, seed, scale, dropout_p, norms):
+    if _is_fake(q):
+        return
+    B, H, N, _ = q.shape
+    (qw, qb, q_eps), (kw, kb, k_eps) = norms
+    grid = lambda meta: (B * H, triton.cdiv(N, meta["BLOCK_M"]))  # noqa: E731
+    wrap_triton(kernels._attention_fwd)[grid](
+        q, k, v, o, lse, seed, qw, qb, kw, kb, *q.stride(), *k.stride(), *v.stride(), *o.stride(),
+        H, N, scale * LOG2E, q_eps, k_eps, dropout_p, **_constants(q, norms, dropout_p))
+
+
+def _launch_bwd(do, q, k, v, o, lse, dq, dk, dv, seed, scale, dropout_p, norms):
+    """Fills dq, dk, dv; returns the float32 (dw, db) sums of the q- and k-norm (zeros without)."""
+    B, H, N, D = q.shape
+    if _is_fake(q):
+        return lse.new_zeros(2, D), lse.new_zeros(2, D)
+    (qw, qb, q_eps), (kw, kb, k_eps) = norms
+    consts = _constants(q, norms, dropout_p)
+    delta = lse.new_empty(B * H, N)
+    wrap_triton(kernels._attention_bwd_delta)[(B * H, triton.cdiv(N, kernels.DELTA_BLOCK_M))](
+        o, do, delta, *o.stride(), *do.stride(), H, N,
+        HEAD_DIM=D, BLOCK_D=consts["BLOCK_D"], BLOCK_M=kernels.DELTA_BLOCK_M)
+    # One (dw, db) slot per row block; zero-filled because a config with blocks larger than
+    # kernels.MIN_BLOCK leaves the trailing slots unwritten.
+    slots = kernels.partial_slots(N)
+    q_part = lse.new_zeros(B * H, slots, 2, D)
+    k_part = lse.new_zeros(B * H, slots, 2, D)
+    common = (H, N, slots, scale, scale * LOG2E, q_eps, k_eps, dropout_p)
+    wrap_triton(kernels._attention_bwd_dkdv)[lambda meta: (B * H, triton.cdiv(N, meta["BLOCK_N"]))](
+        q, k, v, do, lse, delta, dk, dv, seed, qw, qb, kw, kb, k_part,
+        *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dk.stride(), *dv.stride(), *common, **consts)
+    wrap_triton(kernels._attention_bwd_dq)[lambda meta: (B * H, triton.cdiv(N, meta["BLOCK_M"]))](
+        q, k, v, do, lse, delta, dq, seed, qw, qb, kw, kb, q_part,
+        *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dq.stride(), *common, **consts)
+    return q_part.sum(dim=(0, 1)), k_part.sum(dim=(0, 1))
+
+
+def _heads(packed: Tensor, num_heads: int) -> Tensor:
+    """(B, N, H * D) -> the (B, H, N, D) view."""
+    return packed.unflatten(-1, (num_heads, -1)).transpose(1, 2)
+
+
+def _split(qkv: Tensor, num_heads: int):
+    """(B, N, 3 * H * D) -> q, k, v as (B, H, N, D) views (splitting a dim is always a view)."""
+    return qkv.unflatten(-1, (3, num_heads, -1)).permute(2, 0, 3, 1, 4).unbind(0)
+
+
+_NO_NORMS = ((None, None, 0.0), (None, None, 0.0))
+
+
+# ---------------------------------------------------------------------------------------------
+# torch.library ops: (q, k, v) strided and packed qkv, forward and backward.
+
+@_kernel_op("vit_kernels::attention_fwd")
+def _attention_fwd(q: Tensor, k: Tensor, v: Tensor, scale: float, dropout_p: float, seed: Optional[Tensor],
+                   packed_out: bool) -> tuple[Tensor, Tensor]:
+    B, H, N, D = q.shape
+    if packed_out:
+        out = q.new_empty(B, N, H * D)
+        o = _heads(out, H)
+    else:
+        out = o = q.new_empty(B, H, N, D)
+    lse = q.new_empty(B * H, N, dtype=torch.float32)
+    _launch_fwd(q, k, v, o, lse, seed, scale, dropout_p, _NO_NORMS)
+    return out, lse
+
+
+@_kernel_op("vit_kernels::attention_bwd")
+def _attention_bwd(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, scale: float,
+                   dropout_p: float, seed: Optional[Tensor], packed_out: bool) -> tuple[Tensor, Tensor, Tensor]:
+    H = q.shape[1]
+    do, o = (_heads(dout, H), _heads(out, H)) if packed_out else (dout, out)
+    dq, dk, dv = q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
+    _launch_bwd(do, q, k, v, o, lse, dq, dk, dv, seed, scale, dropout_p, _NO_NORMS)
+    return dq, dk, dv
+
+
+@_kernel_op("vit_kernels::qkv_attention_fwd")
+def _qkv_attention_fwd(qkv: Tensor, num_heads: int, scale: float, dropout_p: float, seed: Optional[Tensor],
+                       q_weight: Optional[Tensor], q_bias: Optional[Tensor], q_eps: float,
+                       k_weight: Optional[Tensor], k_bias: Optional[Tensor], k_eps: float) -> tuple[Tensor, Tensor]:
+    B, N, _ = qkv.shape
+    q, k, v = _split(qkv, num_heads)
+    out = qkv.new_empty(B, N, qkv.shape[-1] // 3)
+    lse = qkv.new_empty(B * num_heads, N, dtype=torch.float32)
+    _launch_fwd(q, k, v, _heads(out, num_heads), lse, seed, scale, dropout_p,
+                ((q_weight, q_bias, q_eps), (k_weight, k_bias, k_eps)))
+    return out, lse
+
+
+@_kernel_op("vit_kernels::qkv_attention_bwd")
+def _qkv_attention_bwd(dout: Tensor, qkv: Tensor, out: Tensor, lse: Tensor, num_heads: int, scale: float,
+                       dropout_p: float, seed: Optional[Tensor],
+                       q_weight: Optional[Tensor], q_bias: Optional[Tensor], q_eps: float,
+                       k_weight: Optional[Tensor], k_bias: Optional[Tensor],
+                       k_eps: float) -> tuple[Tensor, Tensor, Tensor]:
+    """-> (dqkv (B, N, 3 * C), q-norm (dw, db) as (2, D) float32, k-norm (dw, db) as (2, D) float32)."""
+    dqkv = qkv.new_empty(qkv.shape)
+    q, k, v = _split(qkv, num_heads)
+    dq, dk, dv = _split(dqkv, num_heads)
+    q_grads, k_grads = _launch_bwd(_heads(dout, num_heads), q, k, v, _heads(out, num_heads), lse, dq, dk, dv,
+                                   seed, scale, dropout_p, ((q_weight, q_bias, q_eps), (k_weight, k_bias, k_eps)))
+    return dqkv, q_grads, k_grads
+
+
+def _attention_setup(ctx, inputs, output):
+    q, k, v, ctx.scale, ctx.dropout_p, seed, ctx.packed_out = inputs
+    ctx.save_for_backward(q, k, v, output[0], output[1], seed)
+
+
+def _attention_backward(ctx, dout, _dlse):
+    q, k, v, out, lse, seed = ctx.saved_tensors
+    dq, dk, dv = _attention_bwd(dout, q, k, v, out, lse, ctx.scale, ctx.dropout_p, seed, ctx.packed_out)
+    return dq, dk, dv, None, None, None, None
+
+
+def _qkv_attention_setup(ctx, inputs, output):
+    qkv, ctx.num_heads, ctx.scale, ctx.dropout_p, seed, qw, qb, ctx.q_eps, kw, kb, ctx.k_eps = inputs
+    ctx.save_for_backward(qkv, output[0], output[1], seed, qw, qb, kw, kb)
+
+
+def _qkv_attention_backward(ctx, dout, _dlse):
+    qkv, out, lse, seed, qw, qb, kw, kb = ctx.saved_tensors
+    dqkv, q_grads, k_grads = _qkv_attention_bwd(dout, qkv, out, lse, ctx.num_heads, ctx.scale, ctx.dropout_p,
+                                                seed, qw, qb, ctx.q_eps, kw, kb, ctx.k_eps)
+    q_w, q_b = (None, None) if qw is None else (q_grads[0].to(qw.dtype), q_grads[1].to(qb.dtype))
+    k_w, k_b = (None, None) if kw is None else (k_grads[0].to(kw.dtype), k_grads[1].to(kb.dtype))
+    return dqkv, None, None, None, None, q_w, q_b, None, k_w, k_b, None
+
+
+_attention_fwd.register_autograd(_attention_backward, setup_context=_attention_setup)
+_qkv_attention_fwd.register_autograd(_qkv_attention_backward, setup_context=_qkv_attention_setup)
+
+
+# ---------------------------------------------------------------------------------------------
+# Public functions.
+
+def _check_dropout(dropout_p: float) -> None:
+    if not 0.0 <= dropout_p < 1.0:
+        raise ValueError(f"dropout_p must be in [0, 1); got {dropout_p}")
+
+
+def _check_kernel_input(name: str, t: Tensor) -> None:
+    if t.dtype not in KERNEL_DTYPES:
+        raise ValueError(f"{name} has dtype {t.dtype}; the attention kernel takes one of {KERNEL_DTYPES}")
+    kernels.head_dim_block(t.shape[-1])
+
+
+def _seed(t: Tensor, dropout_p: float) -> Optional[Tensor]:
+    """The per-call Philox seed, drawn from torch's generator (so torch.manual_seed replays it)."""
+    if dropout_p == 0:
+        return None
+    return torch.randint(0, 2**62, (1,), dtype=torch.int64, device=t.device)
+
+
+def _fused_layer_norm(norm, head_dim: int, like: Tensor):
+    """(weight, bias, eps) when ``norm`` is a LayerNorm over head_dim the kernel can fuse, else None."""
+    if not isinstance(norm, nn.LayerNorm) or tuple(norm.normalized_shape) != (head_dim,):
+        return None
+    ones = like.new_ones(head_dim, dtype=torch.float32)
+    weight = norm.weight if norm.weight is not None else ones
+    bias = norm.bias if norm.bias is not None else torch.zeros_like(ones)
+    return weight, bias, float(norm.eps)
+
+
+def attention(q: Tensor, k: Tensor, v: Tensor, scale: Optional[float] = None, dropout_p: float = 0.0) -> Tensor:
     """softmax(scale * q @ k^T) @ v; q, k, v of shape (B, H, N, D) with any strides."""
     for name, t in (("q", q), ("k", k), ("v", v)):
         if t.dim() != 4:
             raise ValueError(f"{name} must have shape (B, H, N, D); got {tuple(t.shape)}")
     if k.shape != v.shape or k.shape[:2] + k.shape[3:] != q.shape[:2] + q.shape[3:]:
         raise ValueError(f"q, k, v shapes do not match: {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
-    if not 0.0 <= dropout_p < 1.0:
-        raise ValueError(f"dropout_p must be in [0, 1); got {dropout_p}")
-    return reference.attention(q, k, v, scale, dropout_p)
+    for name, t in (("k", k), ("v", v)):
+        if t.dtype != q.dtype or t.device != q.device:
+            raise ValueError(f"{name} is {t.dtype} on {t.device}; expected q's {q.dtype} on {q.device}")
+    _check_dropout(dropout_p)
+    if not backend.use_triton(q):
+        return reference.attention(q, k, v, scale, dropout_p)
+    _check_kernel_input("q", q)
+    if k.shape[2] != q.shape[2]:
+        raise ValueError(f"k has {k.shape[2]} tokens; the attention kernel expects q's {q.shape[2]}")
+    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    return _attention_fwd(q, k, v, scale, dropout_p, _seed(q, dropout_p), False)[0]
 
 
-def qkv_attention(qkv: torch.Tensor, num_heads: int, scale: Optional[float] = None,
-                  dropout_p: float = 0.0, q_norm=None, k_norm=None) -> torch.Tensor:
+def qkv_attention(qkv: Tensor, num_heads: int, scale: Optional[float] = None,
+                  dropout_p: float = 0.0, q_norm=None, k_norm=None) -> Tensor:
     """Attention read from the packed (B, N, 3 * C) qkv projection; returns (B, N, C).
 
     ``q_norm``/``k_norm``: a norm over the head dim (timm's qk-norm, e.g. ``nn.LayerNorm(D)``) or None.
@@ -37,6 +284,21 @@ def qkv_attention(qkv: torch.Tensor, num_heads: int, scale: Optional[float] = No
     if num_heads < 1 or qkv.shape[-1] % (3 * num_heads):
         raise ValueError(
             f"qkv has {qkv.shape[-1]} features; expected a multiple of 3 * num_heads = {3 * num_heads}")
-    if not 0.0 <= dropout_p < 1.0:
-        raise ValueError(f"dropout_p must be in [0, 1); got {dropout_p}")
-    return reference.qkv_attention(qkv, num_heads, scale, dropout_p, q_norm, k_norm)
+    _check_dropout(dropout_p)
+    if not backend.use_triton(qkv):
+        return reference.qkv_attention(qkv, num_heads, scale, dropout_p, q_norm, k_norm)
+    _check_kernel_input("qkv", qkv.unflatten(-1, (3 * num_heads, -1)))
+    head_dim = qkv.shape[-1] // (3 * num_heads)
+    scale = head_dim ** -0.5 if scale is None else float(scale)
+    seed = _seed(qkv, dropout_p)
+    # timm passes nn.Identity() when qk_norm is off.
+    q_norm, k_norm = (None if isinstance(n, nn.Identity) else n for n in (q_norm, k_norm))
+    fused = [None if n is None else _fused_layer_norm(n, head_dim, qkv) for n in (q_norm, k_norm)]
+    if all(f is not None or n is None for f, n in zip(fused, (q_norm, k_norm))):
+        (qw, qb, q_eps), (kw, kb, k_eps) = (f or (None, None, 0.0) for f in fused)
+        return _qkv_attention_fwd(qkv, num_heads, scale, dropout_p, seed, qw, qb, q_eps, kw, kb, k_eps)[0]
+    # A norm the kernel cannot fuse: apply both norms in PyTorch on the strided views.
+    q, k, v = _split(qkv, num_heads)
+    q = q if q_norm is None else q_norm(q).to(v.dtype)
+    k = k if k_norm is None else k_norm(k).to(v.dtype)
+    return _attention_fwd(q, k, v, scale, dropout_p, seed, True)[0]
