@@ -146,6 +146,21 @@ def _linear_act_backward(grad: torch.Tensor, x: torch.Tensor, weight: torch.Tens
     return dx, dw, db
 
 
+# Shapes only. triton_op would trace the body as its fake, but under the interpreter
+# wrap_triton hands back the plain kernel, which cannot run on fake tensors.
+@_linear_act.register_fake
+def _(x, weight, bias, activation, save_pre):
+    M, N = x.shape[0], weight.shape[0]
+    return x.new_empty((M, N)), x.new_empty((M, N) if save_pre and activation != "none" else (0,))
+
+
+@_linear_act_backward.register_fake
+def _(grad, x, weight, bias, pre, activation, need_dx, need_dw, need_db):
+    (M, K), N = x.shape, weight.shape[0]
+    return (x.new_empty((M, K) if need_dx else (0,)), weight.new_empty((N, K) if need_dw else (0,)),
+            weight.new_empty((N,) if need_db and bias is not None else (0,)))
+
+
 def _setup_context(ctx, inputs, output):
     x, weight, bias, activation, _ = inputs
     _, pre = output
