@@ -8,6 +8,8 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
+
 import vit_kernels as vk  # noqa: E402
 from vit_kernels import reference  # noqa: E402
 
@@ -29,7 +31,7 @@ SHAPES = [  # (leading shape of x, K, N)
 def _inputs(lead, K, N, dtype, bias=True, requires_grad=True):
     x = torch.randn(*lead, K, device=DEVICE)
     # nn.Linear's scale keeps the pre-activation O(1), where the activations are non-linear.
-    w = torch.randn(N, K, device=DEVICE) * K ** -0.5
+    w = torch.randn(N, K, device=DEVICE) * max(K, 1) ** -0.5
     b = torch.randn(N, device=DEVICE) if bias else None
     return [t if t is None else t.to(dtype).requires_grad_(requires_grad) for t in (x, w, b)]
 
@@ -165,22 +167,50 @@ def test_dynamo_fullgraph_capture(recompute):
         torch.testing.assert_close(g, ge)
 
 
-def test_empty_batch():
-    x, w, b = _inputs((0,), 32, 64, torch.float32)
+@pytest.mark.parametrize("M,K,N", [(0, 32, 64), (4, 0, 64), (4, 32, 0)])
+def test_empty_dimensions(M, K, N):
+    # No tokens, no input features, no output features: shapes and gradients of an empty sum.
+    x, w, b = _inputs((M,), K, N, torch.float32)
     with vk.use_backend("triton"):
         y = vk.ops.linear_gelu(x, w, b)
-        y.sum().backward()
-    assert y.shape == (0, 64)
-    assert torch.equal(w.grad, torch.zeros_like(w)) and torch.equal(b.grad, torch.zeros_like(b))
+        dx, dw, db = torch.autograd.grad(y, (x, w, b), torch.randn_like(y))
+    assert y.shape == (M, N) and dx.shape == x.shape and dw.shape == w.shape and db.shape == b.shape
+    assert torch.equal(dw, torch.zeros_like(dw)) and torch.equal(dx, torch.zeros_like(dx))
+    if K == 0:
+        torch.testing.assert_close(y, reference.activation(b.detach().expand(M, N), "gelu"))
 
 
-def test_no_pre_activation_kept_without_grad():
+class _SavePreSpy(TorchDispatchMode):
+    """Records the save_pre argument of every linear_act call."""
+
+    def __init__(self):
+        super().__init__()
+        self.save_pre = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func is torch.ops.vit_kernels.linear_act.default:
+            self.save_pre.append(args[4])
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("recompute", [False, True])
+@pytest.mark.parametrize("grad_mode", ["train", "no_grad", "frozen"])
+def test_pre_activation_kept_only_for_a_backward(grad_mode, recompute):
+    # Inference (no_grad, or nothing requiring grad) must not spend an (M, N) buffer on it.
+    x, w, b = _inputs((5,), 32, 64, torch.float32, requires_grad=grad_mode == "train")
+    spy = _SavePreSpy()
+    with vk.use_backend("triton"), torch.set_grad_enabled(grad_mode != "no_grad"), spy:
+        vk.ops.linear_gelu(x, w, b, recompute=recompute)
+    assert spy.save_pre == [grad_mode == "train" and not recompute]
+
+
+def test_saved_pre_activation():
     x, w, b = _inputs((5,), 32, 64, torch.float32, requires_grad=False)
     with vk.use_backend("triton"):
         out, pre = torch.ops.vit_kernels.linear_act(x, w, b, "gelu", True)
-        assert torch.equal(pre, x @ w.t() + b) or torch.allclose(pre, x @ w.t() + b, atol=1e-5)
-        out, pre = torch.ops.vit_kernels.linear_act(x, w, b, "gelu", False)
-        assert pre.numel() == 0
+    exact = reference.linear(x.double(), w.double(), b.double())
+    assert_within_pytorch_error("pre", pre, reference.linear(x, w, b), exact)
+    assert_within_pytorch_error("out", out, reference.linear_gelu(x, w, b), reference.activation(exact, "gelu"))
 
 
 def test_bad_input():

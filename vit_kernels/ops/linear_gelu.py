@@ -40,7 +40,7 @@ def implementation(device: torch.device) -> tuple[str, str]:
 
 def _check_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> None:
     if x.dim() < 1:
-        raise ValueError(f"x must have at least 1 dimension (..., in_features); got a 0-d tensor")
+        raise ValueError("x must have at least 1 dimension (..., in_features); got a 0-d tensor")
     if weight.dim() != 2 or weight.shape[1] != x.shape[-1]:
         raise ValueError(f"weight must have shape (N, {x.shape[-1]}) for x of shape {tuple(x.shape)}; "
                          f"got {tuple(weight.shape)}")
@@ -77,6 +77,8 @@ def _dot_precision(dtype: torch.dtype) -> str:
 def _launch(a, b, c, M, N, K, a_strides, b_strides, *, bias=None, act="none", pre=None, pre_strides=(0, 0),
             aux=None, prologue_grad=False, epilogue_grad=False, store_pre=False, row_sum=None):
     """c (M, N) = epilogue(prologue(a) @ b) with a (M, K) and b (K, N) given as strides."""
+    if M == 0 or N == 0:
+        return  # nothing to write, and Triton rejects an empty grid
     placeholder = c  # unused pointer arguments: the constexpr flags keep the kernel off them
     aux_strides = (aux.stride(0), aux.stride(1)) if aux is not None else (0, 0)
     wrap_triton(_kernels.gemm)[_kernels.grid(M, N)](
@@ -96,15 +98,16 @@ def _launch(a, b, c, M, N, K, a_strides, b_strides, *, bias=None, act="none", pr
 def _linear_act(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], activation: str,
                 save_pre: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """act(x @ weight^T + bias) for x (M, K), weight (N, K); and the pre-activation (M, N) if save_pre, else (0,)."""
+    if activation not in _kernels.ACT_IDS:
+        raise ValueError(f"activation must be one of {tuple(_kernels.ACT_IDS)}; got {activation!r}")
     M, K = x.shape
     N = weight.shape[0]
     save_pre = save_pre and activation != "none"
     out = x.new_empty((M, N))
     pre = x.new_empty((M, N) if save_pre else (0,))
-    if M and N:
-        # W^T as the (K, N) operand: swapped strides, no copy.
-        _launch(x, weight, out, M, N, K, (x.stride(0), x.stride(1)), (weight.stride(1), weight.stride(0)),
-                bias=bias, act=activation, aux=pre if save_pre else None, store_pre=save_pre)
+    # W^T as the (K, N) operand: swapped strides, no copy.
+    _launch(x, weight, out, M, N, K, (x.stride(0), x.stride(1)), (weight.stride(1), weight.stride(0)),
+            bias=bias, act=activation, aux=pre if save_pre else None, store_pre=save_pre)
     return out, pre
 
 
@@ -123,7 +126,8 @@ def _linear_act_backward(grad: torch.Tensor, x: torch.Tensor, weight: torch.Tens
     dw = weight.new_empty((N, K) if need_dw else (0,))
     db = weight.new_empty((N,) if need_db else (0,))
     if M == 0 or N == 0:
-        dx.zero_(), dw.zero_(), db.zero_()
+        for t in (dx, dw, db):
+            t.zero_()
         return dx, dw, db
     fused = activation != "none" and pre.numel() > 0
     if activation != "none" and not fused:
@@ -184,7 +188,8 @@ def _run(x, weight, bias, activation: str, recompute: bool) -> Optional[torch.Te
     _check_linear(x, weight, bias)
     x, weight, bias = _autocast(x, weight, bias)
     _check_dtypes(x, weight, bias)
-    if not backend.use_triton(x) or x.dtype not in _KERNEL_DTYPES:
+    # in_features = 0 (an empty reduction) is left to the reference: no tile would hold db.
+    if not backend.use_triton(x) or x.dtype not in _KERNEL_DTYPES or x.shape[-1] == 0:
         return None
     # A view wherever the leading dims flatten; otherwise reshape makes the one needed copy.
     x2d = x.reshape(-1, x.shape[-1])
