@@ -149,11 +149,11 @@ def _gemm(a_ptr, b_ptr, c_ptr, bias_ptr, pre_ptr, aux_ptr, rowsum_ptr,
     if HAS_BIAS:
         acc += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
     mask_c = mask_m[:, None] & mask_n[None, :]
-    x_offs = offs_m[:, None] * stride_xm + offs_n[None, :] * stride_xn
+    aux_offs = offs_m[:, None] * stride_xm + offs_n[None, :] * stride_xn
     if STORE_PRE:
-        tl.store(aux_ptr + x_offs, acc.to(aux_ptr.dtype.element_ty), mask=mask_c)
+        tl.store(aux_ptr + aux_offs, acc.to(aux_ptr.dtype.element_ty), mask=mask_c)
     if EPILOGUE_GRAD:
-        dy = tl.load(aux_ptr + x_offs, mask=mask_c, other=0.0).to(tl.float32)
+        dy = tl.load(aux_ptr + aux_offs, mask=mask_c, other=0.0).to(tl.float32)
         acc = dy * _act_grad(acc, ACT)
     elif not PROLOGUE_GRAD:
         acc = _act_fwd(acc, ACT)
