@@ -35,13 +35,17 @@ import triton.language as tl
 MAX_BLOCK_N = 4096
 # A row wider than this is not supported (rows are walked in chunks, so this is a sanity bound).
 MAX_WIDTH = 1 << 20
-# About this many elements per program tile: enough bytes in flight per program on a GPU, few
-# enough programs in the interpreter.
+# About this many elements per program tile: enough bytes in flight per program on a GPU without
+# spilling. The interpreter's cost is per program and op, not per element, so it gets wide tiles,
+# but at most 32 rows: it sums a column of a tile one row after another (numpy along axis 0), and
+# the d(w), d(b), d(gamma) partials must stay as accurate as PyTorch's pairwise sums.
 TILE_ELEMENTS = 4096
+INTERPRETER_TILE_ELEMENTS = 1 << 16
+INTERPRETER_MAX_BLOCK_M = 32
 
 
-def add_layer_norm_config(width: int, rows: int) -> tuple[int, int, int]:
-    """(BLOCK_M, BLOCK_N, num_warps) for rows of ``width`` features.
+def add_layer_norm_config(width: int, rows: int, interpret: bool = False) -> tuple[int, int, int]:
+    """(BLOCK_M, BLOCK_N, num_warps) for rows of ``width`` features (``interpret``: for the CPU interpreter).
 
     BLOCK_N is the whole row rounded up to a power of two when that pads by at most 1/8
     (1000 -> 1024 in one chunk); otherwise the widest power-of-two chunk that tiles the row
@@ -59,7 +63,10 @@ def add_layer_norm_config(width: int, rows: int) -> tuple[int, int, int]:
             if candidate <= width and (triton.cdiv(width, candidate) * candidate - width) * 8 <= width:
                 block_n = candidate
                 break
-    block_m = max(1, min(TILE_ELEMENTS // block_n, triton.next_power_of_2(rows)))
+    tile = INTERPRETER_TILE_ELEMENTS if interpret else TILE_ELEMENTS
+    block_m = max(1, min(tile // block_n, triton.next_power_of_2(rows)))
+    if interpret:
+        block_m = min(block_m, INTERPRETER_MAX_BLOCK_M)
     num_warps = 8 if block_m * block_n >= 4096 else 4
     return block_m, block_n, num_warps
 
