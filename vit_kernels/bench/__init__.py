@@ -47,6 +47,7 @@ class Plan:
     modes: Optional[Sequence[str]] = None
     batches: Optional[Sequence[int]] = None
     op_shapes: Optional[list] = None          # [(width name or (C, H), tokens, batch)]
+    model_kwargs: dict = field(default_factory=dict)   # e.g. dict(img_size=32, depth=2) for a tiny test model
     quick: bool = False
     compile: Optional[bool] = None
     cuda_graphs: bool = True
@@ -101,7 +102,7 @@ def run(plan: Plan, log=print) -> tuple[list[dict], Path]:
         for name in models:
             progress.set_description(f"{name} {str(dtype).replace('torch.', '')}")
             try:
-                pair = ModelPair(name, device, dtype)
+                pair = ModelPair(name, device, dtype, **plan.model_kwargs)
             except torch.OutOfMemoryError as error:
                 rows.append(dict(kind="model", bench=name, provider="*", mode="*", shape="*",
                                  dtype=str(dtype).replace("torch.", ""), status="oom", note=str(error)[:160]))

@@ -64,14 +64,14 @@ def _cuda_graph(model, example: torch.Tensor):
 class ModelPair:
     """timm's model and ours in ``dtype`` with the same weights, plus a float32 reference copy."""
 
-    def __init__(self, name: str, device: torch.device, dtype: torch.dtype):
+    def __init__(self, name: str, device: torch.device, dtype: torch.dtype, **overrides):
         import timm
         self.name, self.device, self.dtype = name, device, dtype
-        self.reference = timm.create_model(name, pretrained=False).to(device, torch.float32)
+        self.reference = timm.create_model(name, pretrained=False, **overrides).to(device, torch.float32)
         self.timm = self.reference if dtype == torch.float32 else \
-            timm.create_model(name, pretrained=False).to(device, dtype)
+            timm.create_model(name, pretrained=False, **overrides).to(device, dtype)
         self.timm.load_state_dict(self.reference.state_dict())
-        self.vk = create_model(name).to(device, dtype)
+        self.vk = create_model(name, **overrides).to(device, dtype)
         self.vk.load_state_dict(self.reference.state_dict())
         self.compiled: dict = {}
 
