@@ -45,7 +45,7 @@ def _names(text):
 def bench(args) -> int:
     from . import bench as harness
     plan = harness.Plan(ops=_names(args.ops), models=_names(args.models), dtypes=_names(args.dtypes),
-                        modes=_names(args.modes), batches=[int(b) for b in _names(args.batch_sizes)] if args.batch_sizes
+                        modes=_names(args.modes), providers=_names(args.providers), batches=[int(b) for b in _names(args.batch_sizes)] if args.batch_sizes
                         else None, quick=args.quick, compile=args.compile, cuda_graphs=not args.no_cuda_graphs,
                         device=args.device, out=args.out, plots=not args.no_plots)
     if args.ops is not None and args.models is None:
@@ -74,6 +74,8 @@ def main(argv=None) -> int:
     bench_parser.add_argument("--dtypes", help="comma-separated: float32, float16, bfloat16 (or fp32, fp16, bf16); "
                               "default bfloat16 on CUDA, float32 on CPU")
     bench_parser.add_argument("--modes", help="comma-separated: fwd, bwd, fwd+bwd (ops), inference, train (models)")
+    bench_parser.add_argument("--providers", help="comma-separated provider names to keep (e.g. vk,timm+compile); "
+                              "the baseline always runs")
     bench_parser.add_argument("--batch-sizes", help="model batch sweep, comma-separated; default 1..512 on CUDA, 4 on CPU")
     bench_parser.add_argument("--quick", action="store_true", help="one shape per op, one model, one batch: 1-2 minutes")
     compile_group = bench_parser.add_mutually_exclusive_group()

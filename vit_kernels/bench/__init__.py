@@ -45,6 +45,7 @@ class Plan:
     models: Optional[Sequence[str]] = None
     dtypes: Optional[Sequence[str]] = None
     modes: Optional[Sequence[str]] = None
+    providers: Optional[Sequence[str]] = None  # keep only these (the baseline always runs: it sets the tolerance)
     batches: Optional[Sequence[int]] = None
     op_shapes: Optional[list] = None          # [(width name or (C, H), tokens, batch)]
     model_kwargs: dict = field(default_factory=dict)   # e.g. dict(img_size=32, depth=2) for a tiny test model
@@ -92,12 +93,14 @@ def run(plan: Plan, log=print) -> tuple[list[dict], Path]:
     model_modes = [m for m in (modes or (("inference",) if quick else MODEL_MODES)) if m in MODEL_MODES]
     batches = list(plan.batches) if plan.batches else batches_for(device, quick)
 
+    if compile_:
+        _allow_recompiles()
     rows = []
     progress = _progress(len(ops) * len(dtypes) + len(models) * len(dtypes))
     for dtype in dtypes:
         for op in ops:
             cases = op_cases(op, device, dtype, op_modes, quick, compile_, plan.op_shapes)
-            rows += run_cases(cases, budget, ceilings)
+            rows += run_cases(_keep(cases, plan.providers), budget, ceilings)
             progress.update(1)
         for name in models:
             progress.set_description(f"{name} {str(dtype).replace('torch.', '')}")
@@ -109,7 +112,7 @@ def run(plan: Plan, log=print) -> tuple[list[dict], Path]:
                 progress.update(1)
                 continue
             cases = model_cases(name, device, dtype, model_modes, batches, compile_, plan.cuda_graphs, pair)
-            rows += run_cases(cases, budget, ceilings)
+            rows += run_cases(_keep(cases, plan.providers), budget, ceilings)
             del pair, cases
             progress.update(1)
     progress.close()
@@ -130,6 +133,23 @@ def run(plan: Plan, log=print) -> tuple[list[dict], Path]:
     if device.type != "cuda":
         log("CPU run: the Triton kernels and the CUDA extension were not timed; run on a GPU for those numbers.")
     return rows, out_dir
+
+
+def _keep(cases, providers):
+    if providers is None:
+        return cases
+    for case in cases:
+        case.providers = {k: v for k, v in case.providers.items() if k in providers or k == case.baseline}
+    return cases
+
+
+def _allow_recompiles() -> None:
+    """Every shape and mode compiles its own static graph; past dynamo's default limit (8) it would
+    silently fall back to eager and the "compile" rows would time eager code."""
+    import torch._dynamo
+    for name in ("recompile_limit", "cache_size_limit", "accumulated_recompile_limit", "accumulated_cache_size_limit"):
+        if hasattr(torch._dynamo.config, name):
+            setattr(torch._dynamo.config, name, max(getattr(torch._dynamo.config, name), 4096))
 
 
 def _impl(op: str, device: torch.device) -> str:
