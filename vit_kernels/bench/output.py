@@ -99,7 +99,7 @@ def write_json(out_dir: Path, meta: dict, rows: list[dict]) -> Path:
 
 def table(rows: list[dict]) -> str:
     header = f"{'bench':<28} {'mode':<9} {'shape':<24} {'dtype':<8} {'provider':<26} {'p50 ms':>9} " \
-             f"{'p20-p80':>17} {'throughput':>16} {'peak':>6} {'speedup':>7} {'mem MiB':>8}  status"
+             f"{'p20-p80':>17} {'throughput':>16} {'peak':>6} {'speedup':>7} {'mem MiB':>8} {'rel err':>8}  status"
     lines = [header, "-" * len(header)]
     for r in rows:
         if r.get("status") == "ok":
@@ -109,15 +109,16 @@ def table(rows: list[dict]) -> str:
             elif r.get("tflops"):
                 thr = f"{r['tflops']:.2f} TFLOP/s" if r["tflops"] >= 1 else f"{1e3 * r['tflops']:.1f} GFLOP/s"
             else:
-                thr = f"{r.get('gbps', 0):.1f} GB/s"
+                thr = f"{r.get('gbps', 0):.2f} GB/s"
             frac = r.get("frac_peak_flops") if r.get("tflops") else r.get("frac_peak_bw")
             peak = f"{100 * frac:.0f}%" if frac is not None else ""
             mem = f"{r['peak_mem_mb']:.0f}" if r.get("peak_mem_mb") is not None else ""
             lines.append(f"{r['bench']:<28} {r['mode']:<9} {r['shape']:<24} {r['dtype']:<8} {r['provider']:<26} "
-                         f"{r['p50_ms']:>9.3f} {spread:>17} {thr:>16} {peak:>6} {r.get('speedup', 0):>6.2f}x {mem:>8}  ok")
+                         f"{r['p50_ms']:>9.3f} {spread:>17} {thr:>16} {peak:>6} {r.get('speedup', 0):>6.2f}x {mem:>8} "
+                         f"{r.get('max_err', 0):>8.1e}  ok")
         else:
             lines.append(f"{r['bench']:<28} {r['mode']:<9} {r['shape']:<24} {r['dtype']:<8} {r['provider']:<26} "
-                         f"{'-':>9} {'':>17} {'':>16} {'':>6} {'':>7} {'':>8}  {r.get('status')}: {r.get('note', '')}")
+                         f"{'-':>9} {'':>17} {'':>16} {'':>6} {'':>7} {'':>8} {'':>8}  {r.get('status')}: {r.get('note', '')}")
     return "\n".join(lines)
 
 
