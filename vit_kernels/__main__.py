@@ -38,33 +38,54 @@ def info(_args) -> int:
     return 0
 
 
+def _names(text):
+    return None if text is None else [t.strip() for t in text.split(",") if t.strip()]
+
+
 def bench(args) -> int:
-    from .bench import compare_with_timm
-    dtype = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}.get(args.dtype)
-    results, max_diff, mean_diff = compare_with_timm(args.model, args.batch_size, dtype, args.device,
-                                                     iters=args.iters)
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    print(f"{args.model} on {device}, backend {backend.get_backend()}")
-    for r in results:
-        print(f"  {r.provider:<12} {r.images_per_s:10.1f} img/s   median {r.median_ms:9.2f} ms/batch")
-    print(f"  speed-up vit_kernels / timm: {results[1].images_per_s / results[0].images_per_s:.2f}x")
-    print(f"  logits vs timm: max |diff| {max_diff:.3e}, mean |diff| {mean_diff:.3e}")
-    if device == "cpu":
-        print("  (CPU: both run PyTorch code here; the GPU kernels were not timed)")
-    return 0
+    from . import bench as harness
+    plan = harness.Plan(ops=_names(args.ops), models=_names(args.models), dtypes=_names(args.dtypes),
+                        modes=_names(args.modes), providers=_names(args.providers), batches=[int(b) for b in _names(args.batch_sizes)] if args.batch_sizes
+                        else None, quick=args.quick, compile=args.compile, cuda_graphs=not args.no_cuda_graphs,
+                        device=args.device, out=args.out, plots=not args.no_plots)
+    if args.ops is not None and args.models is None:
+        plan.models = []
+    if args.models is not None and args.ops is None:
+        plan.ops = []
+    try:
+        rows, _ = harness.run(plan)
+    except ValueError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    return 1 if any(r.get("status") in ("mismatch", "error") for r in rows) else 0
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m vit_kernels", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
     commands.add_parser("info", help="versions, device, and which implementation each op uses here")
-    bench_parser = commands.add_parser("bench", help="the default model: vit_kernels against timm")
-    bench_parser.add_argument("--model", default="vit_base_patch16_224")
-    bench_parser.add_argument("--batch-size", type=int, default=None, help="default: 64 on CUDA, 4 on CPU")
-    bench_parser.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default=None,
-                              help="default: bfloat16 on CUDA, float32 on CPU")
+    bench_parser = commands.add_parser(
+        "bench", help="time every op and model: vit_kernels against timm, SDPA and torch.compile",
+        description="Checks every provider against a high-precision reference, then times the ones that agree. "
+                    "Rows are upserted into DIR/results.csv; a JSON of the run and PNG plots go beside it.")
+    bench_parser.add_argument("--ops", help="comma-separated; default all: " + ", ".join(OPS) + " ('' for none)")
+    bench_parser.add_argument("--models", help="comma-separated timm names; default vit_base_patch16_224 on a CPU "
+                              "or with --quick, else vit_small/base/large_patch16_224 and vit_base_patch14_reg4_dinov2")
+    bench_parser.add_argument("--dtypes", help="comma-separated: float32, float16, bfloat16 (or fp32, fp16, bf16); "
+                              "default bfloat16 on CUDA, float32 on CPU")
+    bench_parser.add_argument("--modes", help="comma-separated: fwd, bwd, fwd+bwd (ops), inference, train (models)")
+    bench_parser.add_argument("--providers", help="comma-separated provider names to keep (e.g. vk,timm+compile); "
+                              "the baseline always runs")
+    bench_parser.add_argument("--batch-sizes", help="model batch sweep, comma-separated; default 1..512 on CUDA, 4 on CPU")
+    bench_parser.add_argument("--quick", action="store_true", help="one shape per op, one model, one batch: 1-2 minutes")
+    compile_group = bench_parser.add_mutually_exclusive_group()
+    compile_group.add_argument("--compile", dest="compile", action="store_true", default=None,
+                               help="include torch.compile providers (default: on CUDA without --quick)")
+    compile_group.add_argument("--no-compile", dest="compile", action="store_false")
+    bench_parser.add_argument("--no-cuda-graphs", action="store_true", help="skip the CUDA-graph model providers")
+    bench_parser.add_argument("--no-plots", action="store_true")
     bench_parser.add_argument("--device", default=None, help="default: cuda if available, else cpu")
-    bench_parser.add_argument("--iters", type=int, default=3)
+    bench_parser.add_argument("--out", default=None, metavar="DIR", help="default: benchmarks/results/<device>")
     args = parser.parse_args(argv)
     return {"info": info, "bench": bench}[args.command](args)
 

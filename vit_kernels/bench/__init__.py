@@ -1,0 +1,174 @@
+"""The benchmark harness behind ``python -m vit_kernels bench`` and ``benchmarks/``.
+
+timing.py (how a call is timed), case.py (a case and the agreement check), ops.py and models.py
+(providers per op and model), runner.py (check, time, catch OOM per row), output.py (CSV, JSON,
+table, plots).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional, Sequence
+
+import torch
+
+from .. import backend
+from .models import MODEL_MODES, MODELS, ModelPair, batches_for, model_cases, valid_models
+from .ops import OP_MODES, OPS, op_cases
+from .output import device_slug, metadata, plot, table, upsert_csv, write_json
+from .runner import run_cases
+from .timing import QUICK, Budget, measure_ceilings
+
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
+          "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
+
+
+def _choose(kind: str, names: Sequence[str], valid: Sequence[str]) -> list[str]:
+    unknown = [n for n in names if n not in valid]
+    if unknown:
+        raise ValueError(f"unknown {kind} {', '.join(map(repr, unknown))}; valid {kind}s: {', '.join(valid)}")
+    return list(names)
+
+
+def parse_dtypes(names: Sequence[str], device: torch.device) -> list[torch.dtype]:
+    dtypes = [DTYPES[n] for n in _choose("dtype", names, list(DTYPES))]
+    if torch.bfloat16 in dtypes and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        raise ValueError(f"bfloat16 is not supported on {torch.cuda.get_device_name(device)}; "
+                         "use --dtypes float16 or float32")
+    return list(dict.fromkeys(dtypes))
+
+
+@dataclass
+class Plan:
+    """What to run. ``None`` fields take the device's defaults (see ``resolve``)."""
+    ops: Optional[Sequence[str]] = None
+    models: Optional[Sequence[str]] = None
+    dtypes: Optional[Sequence[str]] = None
+    modes: Optional[Sequence[str]] = None
+    providers: Optional[Sequence[str]] = None  # keep only these (the baseline always runs: it sets the tolerance)
+    batches: Optional[Sequence[int]] = None
+    op_shapes: Optional[list] = None          # [(width name or (C, H), tokens, batch)]
+    model_kwargs: dict = field(default_factory=dict)   # e.g. dict(img_size=32, depth=2) for a tiny test model
+    quick: bool = False
+    compile: Optional[bool] = None
+    cuda_graphs: bool = True
+    device: Optional[str] = None
+    out: Optional[str] = None
+    plots: bool = True
+    ceilings: bool = True
+
+
+def resolve(plan: Plan):
+    device = torch.device(plan.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    ops = _choose("op", plan.ops, OPS) if plan.ops is not None else list(OPS)
+    models = _choose("model", plan.models, valid_models()) if plan.models is not None else ["vit_base_patch16_224"] \
+        if (plan.quick or device.type != "cuda") else list(MODELS)
+    dtypes = parse_dtypes(plan.dtypes or (["bfloat16"] if device.type == "cuda" else ["float32"]), device)
+    modes = list(plan.modes) if plan.modes is not None else None
+    if modes is not None:
+        _choose("mode", modes, OP_MODES + MODEL_MODES)
+    # torch.compile on a 2-core CPU takes minutes per graph: only on request there.
+    compile_ = plan.compile if plan.compile is not None else (device.type == "cuda" and not plan.quick)
+    quick = plan.quick or device.type != "cuda"
+    return device, ops, models, dtypes, modes, compile_, quick
+
+
+def run(plan: Plan, log=print) -> tuple[list[dict], Path]:
+    """Run the plan; returns this run's rows and the output directory."""
+    device, ops, models, dtypes, modes, compile_, quick = resolve(plan)
+    if device.type != "cuda":
+        log(f"No CUDA device: timing the CPU paths only ({', '.join(f'{op}: {_impl(op, device)}' for op in ops)}). "
+            "The GPU kernels were NOT timed.")
+    out_dir = Path(plan.out) if plan.out else Path("benchmarks") / "results" / device_slug(device)
+    meta = metadata(device, backend.get_backend())
+    budget = QUICK if quick else Budget()
+    ceilings = measure_ceilings(device, quick) if plan.ceilings else None
+    if ceilings:
+        meta["ceilings"] = dict(gbps=ceilings.gbps, tflops=ceilings.tflops, matmul_dtype=ceilings.matmul_dtype,
+                                how=ceilings.how)
+        log(f"{meta['device']}: measured ceilings {ceilings.gbps:.0f} GB/s copy, "
+            f"{ceilings.tflops:.1f} TFLOP/s {ceilings.matmul_dtype} matmul")
+    meta["plan"] = dict(ops=ops, models=models, dtypes=[str(d) for d in dtypes], quick=quick, compile=compile_)
+    op_modes = [m for m in (modes or (("fwd", "fwd+bwd") if quick else OP_MODES)) if m in OP_MODES]
+    model_modes = [m for m in (modes or (("inference",) if quick else MODEL_MODES)) if m in MODEL_MODES]
+    batches = list(plan.batches) if plan.batches else batches_for(device, quick)
+
+    if compile_:
+        _allow_recompiles()
+    rows = []
+    progress = _progress(len(ops) * len(dtypes) + len(models) * len(dtypes))
+    for dtype in dtypes:
+        for op in ops:
+            cases = op_cases(op, device, dtype, op_modes, quick, compile_, plan.op_shapes)
+            rows += run_cases(_keep(cases, plan.providers), budget, ceilings)
+            progress.update(1)
+        for name in models:
+            progress.set_description(f"{name} {str(dtype).replace('torch.', '')}")
+            try:
+                pair = ModelPair(name, device, dtype, **plan.model_kwargs)
+            except torch.OutOfMemoryError as error:
+                rows.append(dict(kind="model", bench=name, provider="*", mode="*", shape="*",
+                                 dtype=str(dtype).replace("torch.", ""), status="oom", note=str(error)[:160]))
+                progress.update(1)
+                continue
+            cases = model_cases(name, device, dtype, model_modes, batches, compile_, plan.cuda_graphs, pair)
+            rows += run_cases(_keep(cases, plan.providers), budget, ceilings)
+            del pair, cases
+            progress.update(1)
+    progress.close()
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    all_rows = upsert_csv(out_dir / "results.csv", rows, meta)
+    json_path = write_json(out_dir, meta, rows)
+    notes = [f"results: {out_dir / 'results.csv'} (upserted), {json_path}"]
+    if plan.plots:
+        try:
+            pngs = plot([r for r in all_rows if r["device"] == meta["device"]], out_dir)
+            notes.append(f"plots: {len(pngs)} PNG under {out_dir / 'plots'}")
+        except ImportError as error:
+            notes.append(str(error))
+    log(table(rows))
+    for note in notes:
+        log(note)
+    if device.type != "cuda":
+        log("CPU run: the Triton kernels and the CUDA extension were not timed; run on a GPU for those numbers.")
+    return rows, out_dir
+
+
+def _keep(cases, providers):
+    if providers is None:
+        return cases
+    for case in cases:
+        case.providers = {k: v for k, v in case.providers.items() if k in providers or k == case.baseline}
+    return cases
+
+
+def _allow_recompiles() -> None:
+    """Every shape and mode compiles its own static graph; past dynamo's default limit (8) it would
+    silently fall back to eager and the "compile" rows would time eager code."""
+    import torch._dynamo
+    for name in ("recompile_limit", "cache_size_limit", "accumulated_recompile_limit", "accumulated_cache_size_limit"):
+        if hasattr(torch._dynamo.config, name):
+            setattr(torch._dynamo.config, name, max(getattr(torch._dynamo.config, name), 4096))
+
+
+def _impl(op: str, device: torch.device) -> str:
+    import importlib
+    try:
+        return importlib.import_module(f"vit_kernels.ops.{op}").implementation(device)[0]
+    except Exception as error:  # the info line must not stop the run
+        return f"unknown ({type(error).__name__})"
+
+
+class _NoProgress:
+    def update(self, n=1): pass
+    def set_description(self, text): pass
+    def close(self): pass
+
+
+def _progress(total: int):
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        return _NoProgress()
+    return tqdm(total=total, unit="group", leave=False)

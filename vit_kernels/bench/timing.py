@@ -1,0 +1,131 @@
+"""How a call is timed: device events, warm-up, L2 flushed and inputs rotated between runs, percentiles.
+
+Every provider is timed by ``measure`` on a list of zero-argument calls, one per input set; runs
+cycle through them so that repeated runs do not find their inputs in the cache.
+"""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+from typing import Callable, Optional, Sequence
+
+import torch
+
+# 256 MiB is several times the L2 of any current GPU (H100: 50 MiB, H200: 60 MiB, B200: 126 MiB).
+_FLUSH_BYTES = 256 << 20
+
+
+@dataclass
+class Timing:
+    p20_ms: float
+    p50_ms: float
+    p80_ms: float
+    runs: int
+    peak_mem_mb: Optional[float] = None   # memory the calls needed beyond what was resident before
+
+
+@dataclass
+class Budget:
+    warmup_ms: float = 50.0
+    measure_ms: float = 300.0
+    min_runs: int = 5
+    max_runs: int = 500
+
+
+QUICK = Budget(warmup_ms=20.0, measure_ms=100.0, min_runs=3, max_runs=100)
+
+
+def percentile(values: Sequence[float], q: float) -> float:
+    """Linear-interpolated percentile, ``q`` in [0, 100]."""
+    ordered = sorted(values)
+    pos = (len(ordered) - 1) * q / 100
+    lo, hi = math.floor(pos), math.ceil(pos)
+    return ordered[lo] + (ordered[hi] - ordered[lo]) * (pos - lo)
+
+
+class _Clock:
+    """Times one call: CUDA events on a GPU (with the L2 flushed before each), the host clock on a CPU."""
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+        # int8 so the flush is one byte per element; fill_ with a non-zero value writes every line.
+        self.flush_buffer = torch.empty(_FLUSH_BYTES, dtype=torch.int8, device=device) if self.cuda else None
+        self.pending: list = []
+
+    def time(self, call: Callable[[], object]) -> None:
+        if self.cuda:
+            self.flush_buffer.fill_(1)
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            call()
+            end.record()
+            self.pending.append((start, end))
+        else:
+            start = time.perf_counter()
+            call()
+            self.pending.append((time.perf_counter() - start) * 1e3)
+
+    def collect(self) -> list[float]:
+        if self.cuda:
+            torch.cuda.synchronize()
+            times = [start.elapsed_time(end) for start, end in self.pending]
+        else:
+            times = list(self.pending)
+        self.pending = []
+        return times
+
+
+def measure(calls: Sequence[Callable[[], object]], device: torch.device, budget: Budget = Budget()) -> Timing:
+    """Warm up, then time ``calls`` in rotation; returns p20/p50/p80 in milliseconds and peak memory."""
+    clock = _Clock(device)
+    cuda = device.type == "cuda"
+    if cuda:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats(device)
+        resident = torch.cuda.memory_allocated(device)
+    # Warm-up doubles as the estimate of one call's time, which sets the number of timed runs.
+    warm, elapsed = 0, 0.0
+    while warm < 2 or (elapsed < budget.warmup_ms and warm < budget.max_runs):
+        clock.time(calls[warm % len(calls)])
+        elapsed += clock.collect()[0]
+        warm += 1
+    per_call = max(elapsed / warm, 1e-3)
+    runs = int(min(budget.max_runs, max(budget.min_runs, budget.measure_ms / per_call)))
+    for i in range(runs):
+        clock.time(calls[i % len(calls)])
+    times = clock.collect()
+    peak = None
+    if cuda:
+        # The flush buffer was allocated after `resident` was read: leave it out of the figure.
+        peak = (torch.cuda.max_memory_allocated(device) - resident - _FLUSH_BYTES) / 2**20
+        peak = max(peak, 0.0)
+    return Timing(percentile(times, 20), percentile(times, 50), percentile(times, 80), runs, peak)
+
+
+@dataclass
+class Ceilings:
+    """The device's own limits, measured in this run: copy bandwidth and matmul rate."""
+    gbps: float
+    tflops: float
+    matmul_dtype: str
+    how: str
+
+
+def measure_ceilings(device: torch.device, quick: bool = False) -> Ceilings:
+    """A large device-to-device copy (bytes read + written) and a large matmul, both on random data."""
+    cuda = device.type == "cuda"
+    budget = QUICK if quick else Budget()
+    numel = 1 << 28 if cuda else 1 << 23   # 512 MiB of bf16 on a GPU, 32 MiB of fp32 on a CPU
+    dtype = torch.bfloat16 if cuda else torch.float32
+    src = torch.randn(numel, device=device, dtype=dtype)
+    dst = torch.empty_like(src)
+    copy = measure([lambda: dst.copy_(src)], device, budget)
+    gbps = 2 * src.numel() * src.element_size() / copy.p50_ms / 1e6
+    del src, dst
+    n = 8192 if cuda else 1024
+    a, b = (torch.randn(n, n, device=device, dtype=dtype) for _ in range(2))
+    mm = measure([lambda: a @ b], device, budget)
+    tflops = 2 * n**3 / mm.p50_ms / 1e9
+    how = f"copy of {numel} {dtype} elements (2x bytes); {n}^3 {dtype} matmul"
+    return Ceilings(gbps, tflops, str(dtype).replace("torch.", ""), how)
