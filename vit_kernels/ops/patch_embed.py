@@ -119,13 +119,13 @@ def patch_embed(images: torch.Tensor, weight: torch.Tensor, bias: Optional[torch
     ``dynamic_img_pad``) with zeros after normalisation.
     """
     _check(images, weight, bias, pos_embed, prefix_tokens, mean, std, pad)
-    if backend.get_backend() != "torch" and _extension_ready() and _extension.has_kernel(images.device.type):
+    if backend.get_backend() != "torch" and _use_extension(images.device.type):
         return torch.ops.vit_kernels.patch_embed.default(images, weight, bias, pos_embed, prefix_tokens,
                                                          mean, std, pad)
     return _reference(images, weight, bias, pos_embed, prefix_tokens, mean, std, pad)
 
 
-def _fake(images, weight, bias, pos_embed, prefix_tokens, mean, std, pad):
+def _fake(images, weight, bias=None, pos_embed=None, prefix_tokens=None, mean=None, std=None, pad=False):
     P, L = _check(images, weight, bias, pos_embed, prefix_tokens, mean, std, pad)
     return weight.new_empty((images.shape[0], P + L, weight.shape[0]))
 
@@ -142,7 +142,8 @@ def _backward(ctx, grad: torch.Tensor):
     images, weight, mean, std = ctx.saved_tensors
     (B, C, H, W), (D, _, ph, pw), P = images.shape, weight.shape, ctx.num_prefix
     gh, gw = _grid(images, weight, ctx.pad)
-    needs = ctx.needs_input_grad
+    # The dispatcher drops trailing arguments equal to their defaults, and their flags with them.
+    needs = tuple(ctx.needs_input_grad) + (False,) * 8
     g_patch = grad[:, P:].reshape(B * gh * gw, D)
     d_images = d_weight = d_bias = d_pos = d_prefix = d_mean = d_std = None
     if needs[2]:
@@ -163,14 +164,26 @@ def _backward(ctx, grad: torch.Tensor):
             d_xn = d_xn / std.to(d_xn).reshape(1, C, 1, 1)  # now d loss / d (x * u - mean)
         if needs[0]:
             d_images = d_xn.to(images.dtype)
+        # mean and std get a C-vector each from sums over the batch and image: float64 sums keep
+        # them as accurate as PyTorch's own (rarely used: mean and std are usually constants).
         if needs[5]:
-            d_mean = (-d_xn.sum((0, 2, 3))).reshape(mean.shape).to(mean.dtype)
+            d_mean = (-d_xn.sum((0, 2, 3), dtype=torch.float64)).reshape(mean.shape).to(mean.dtype)
         if needs[6]:
-            d_std = (-(d_xn * xn).sum((0, 2, 3))).reshape(std.shape).to(std.dtype)
+            d_std = (-(d_xn * xn).sum((0, 2, 3), dtype=torch.float64)).reshape(std.shape).to(std.dtype)
     return d_images, d_weight, d_bias, d_pos, d_prefix, d_mean, d_std, None
 
 
 _python_parts_registered = False
+# device type -> whether the extension runs it; a dict lookup is what torch.compile traces
+# (with a guard), so only the first, eager, call per device type goes through the loader.
+_extension_for: dict[str, bool] = {}
+
+
+def _use_extension(device_type: str) -> bool:
+    ok = _extension_for.get(device_type)
+    if ok is None:
+        ok = _extension_for[device_type] = _extension_ready() and _extension.has_kernel(device_type)
+    return ok
 
 
 def _extension_ready() -> bool:
