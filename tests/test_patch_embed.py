@@ -67,6 +67,9 @@ def grads_of(out, case, cotangent):
 def check_against_reference(case, pad=False, dtype=torch.float32):
     """Forward and every gradient: extension in ``dtype`` vs PyTorch in ``dtype``, both vs float64."""
     ours_in, base_in, exact_in = leaves(case, dtype), leaves(case, dtype), leaves(case, torch.float64)
+    # The float64 oracle on a contiguous image: same values, and CPU float64 convolution is very
+    # slow on channels-last.
+    exact_in["images"] = exact_in["images"].detach().contiguous().requires_grad_(exact_in["images"].requires_grad)
     ours = vk.ops.patch_embed(**ours_in, pad=pad)
     with vk.use_backend("torch"):
         base = vk.ops.patch_embed(**base_in, pad=pad)
@@ -86,8 +89,9 @@ def check_against_reference(case, pad=False, dtype=torch.float32):
 PATCH_SIZES = [(14, (28, 42)), (16, (32, 48)), (16, (16, 64)), (32, (64, 64))]
 
 
-@pytest.mark.parametrize("norm", [True, False])
-@pytest.mark.parametrize("bias", [True, False])  # no bias: timm's pre_norm models
+# No bias: timm's pre_norm models. Bias and normalisation are independent terms; varying them
+# together keeps the file within its CI time.
+@pytest.mark.parametrize("bias,norm", [(True, True), (False, False)])
 @pytest.mark.parametrize("prefix,pos", [
     (0, None), (0, "all"),            # a plain PatchEmbed; pos_embed on the patches only
     (1, "all"), (1, "patches"),       # class token; timm's default and no_embed_class

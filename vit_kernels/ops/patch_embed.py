@@ -160,16 +160,15 @@ def _backward(ctx, grad: torch.Tensor):
     if needs[0] or needs[5] or needs[6]:
         d_xn = (g_patch @ weight.reshape(D, -1)).reshape(B, gh, gw, C, ph, pw).permute(0, 3, 1, 4, 2, 5)
         d_xn = d_xn.reshape(B, C, gh * ph, gw * pw)[:, :, :H, :W]
-        if std is not None:
-            d_xn = d_xn / std.to(d_xn).reshape(1, C, 1, 1)  # now d loss / d (x * u - mean)
+        inv_std = None if std is None else 1 / std.to(torch.float64).reshape(C)
         if needs[0]:
-            d_images = d_xn.to(images.dtype)
-        # mean and std get a C-vector each from sums over the batch and image: float64 sums keep
-        # them as accurate as PyTorch's own (rarely used: mean and std are usually constants).
+            d_images = (d_xn if std is None else d_xn / std.to(d_xn).reshape(1, C, 1, 1)).to(images.dtype)
+        # mean and std get a C-vector each from sums over the batch and image: float64 sums, scaled
+        # after summing, keep them as accurate as PyTorch's own (mean and std are usually constants).
         if needs[5]:
-            d_mean = (-d_xn.sum((0, 2, 3), dtype=torch.float64)).reshape(mean.shape).to(mean.dtype)
+            d_mean = (-d_xn.sum((0, 2, 3), dtype=torch.float64) * inv_std).reshape(mean.shape).to(mean.dtype)
         if needs[6]:
-            d_std = (-(d_xn * xn).sum((0, 2, 3), dtype=torch.float64)).reshape(std.shape).to(std.dtype)
+            d_std = (-(d_xn * xn).sum((0, 2, 3), dtype=torch.float64) * inv_std).reshape(std.shape).to(std.dtype)
     return d_images, d_weight, d_bias, d_pos, d_prefix, d_mean, d_std, None
 
 
