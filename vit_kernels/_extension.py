@@ -22,7 +22,9 @@ import torch
 
 OP = "vit_kernels::patch_embed"
 ENV_VAR = "VIT_KERNELS_EXTENSION"
-CSRC = Path(__file__).resolve().parent.parent / "csrc"
+# A wheel ships the sources in the package; a source checkout (editable install) has them beside it.
+_HERE = Path(__file__).resolve().parent
+CSRC = next((p for p in (_HERE / "csrc", _HERE.parent / "csrc") if p.is_dir()), _HERE.parent / "csrc")
 CPU_SOURCES = ("patch_embed.cpp", "patch_embed_cpu.cpp")
 CUDA_SOURCES = ("cuda/patch_embed_cuda.cu",)
 
