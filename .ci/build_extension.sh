@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # CI step for the C++/CUDA patch-embed extension (csrc/), on a 2-core machine without a GPU:
-#   1. JIT-build the CPU extension exactly as the package does on first use, and fail if it
-#      does not load (the tests then run it: tests/test_patch_embed.py);
+#   1. JIT-build the CPU extension exactly as the package does on first use (into the cache the
+#      tests then use), and fail if it does not load or disagrees with the reference;
 #   2. compile the CUDA sources for sm_90 with nvcc (compile only: nothing can run them here),
 #      so a CUDA compile error turns CI red.
 # Usage: .ci/build_extension.sh [python]   (default: python); CUDA_HOME defaults to /usr/local/cuda.
@@ -18,6 +18,11 @@ from vit_kernels import _extension
 assert _extension.load(), _extension.status()
 assert _extension.has_kernel("cpu")
 print(_extension.status()[1])
+import torch, vit_kernels as vk
+from vit_kernels import reference
+images, weight = torch.randint(0, 256, (2, 3, 32, 32), dtype=torch.uint8), torch.randn(8, 3, 16, 16) / 28
+torch.testing.assert_close(vk.ops.patch_embed(images, weight), reference.patch_embed(images, weight),
+                           atol=1e-4, rtol=1e-4)
 PY
 
 echo "== CUDA sources (nvcc, sm_90, compile only)"
@@ -29,7 +34,11 @@ fi
 mapfile -t INCLUDES < <("$PYTHON" -c "
 from torch.utils import cpp_extension
 import sysconfig
-for p in cpp_extension.include_paths(device_type='cuda') + [sysconfig.get_paths()['include']]:
+try:
+    paths = cpp_extension.include_paths(device_type='cuda')
+except TypeError:  # torch < 2.6 spells it cuda=True
+    paths = cpp_extension.include_paths(cuda=True)
+for p in paths + [sysconfig.get_paths()['include']]:
     print(p)")
 OUT=$(mktemp -d)
 trap 'rm -rf "$OUT"' EXIT
