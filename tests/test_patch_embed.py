@@ -225,6 +225,18 @@ def test_failed_build_falls_back_with_one_warning(monkeypatch, how):
         assert _extension.status() == (False, "RuntimeError: c++: command not found")
 
 
+def test_missing_device_kernel_falls_back_with_one_warning(monkeypatch):
+    # A CPU-only build (no nvcc at JIT time) meeting CUDA tensors: simulated with the "meta" device.
+    monkeypatch.setattr(pe, "_extension_for", {})
+    case = {k: None if v is None else v.to("meta") for k, v in make_case().items()}
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for _ in range(2):
+            assert vk.ops.patch_embed(**case).shape == (2, 7, 40)
+    assert len([w for w in caught if "has no meta kernel" in str(w.message)]) == 1
+    assert pe.implementation("meta")[0] == "torch"
+
+
 def test_library_fragment_coexists_with_python_ops():
     # The Triton ops register Python fragments in the same namespace: after the extension ...
     @torch.library.custom_op("vit_kernels::_test_after_extension", mutates_args=())

@@ -14,6 +14,7 @@ grad, gp = g[:, P:] its patch rows, X (B*L, K) the normalised patch matrix, W = 
 """
 from __future__ import annotations
 
+import warnings
 from typing import Optional
 
 import torch
@@ -182,6 +183,9 @@ def _use_extension(device_type: str) -> bool:
     ok = _extension_for.get(device_type)
     if ok is None:
         ok = _extension_for[device_type] = _extension_ready() and _extension.has_kernel(device_type)
+        if _extension.status()[0] and not ok:  # e.g. a CPU-only JIT build on a machine without nvcc
+            warnings.warn(f"vit_kernels: the patch-embed extension has no {device_type} kernel, patch_embed runs "
+                          f"the PyTorch reference there ({_extension.status()[1]})", RuntimeWarning, stacklevel=3)
     return ok
 
 
