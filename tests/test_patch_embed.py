@@ -288,15 +288,19 @@ def _bad_inputs():
     ok = make_case(prefix=1, pos="all")
     yield "images 3-d", dict(ok, images=ok["images"][0]), "images must have shape \\(B, C, H, W\\)"
     yield "images int32", dict(ok, images=ok["images"].int()), "images must be uint8, float16, bfloat16, float32"
-    yield "C != in_chans", dict(ok, images=torch.cat([ok["images"]] * 2, 1)), "images have 6 channels; expected in_chans = 3"
+    yield ("C != in_chans", dict(ok, images=torch.cat([ok["images"]] * 2, 1)),
+           "images have 6 channels; expected in_chans = 3")
     yield "weight 2-d", dict(ok, weight=ok["weight"].flatten(1)), "weight must have shape \\(D, C, ph, pw\\)"
     yield "weight int", dict(ok, weight=ok["weight"].int()), "weight must be float16, bfloat16, float32"
-    yield "H not divisible", dict(ok, images=ok["images"][:, :, :30]), "image size \\(30, 48\\) must be divisible by the patch size \\(16, 16\\)"
+    yield ("H not divisible", dict(ok, images=ok["images"][:, :, :30]),
+           "image size \\(30, 48\\) must be divisible by the patch size \\(16, 16\\)")
     yield "W not divisible", dict(ok, images=ok["images"][..., :40]), "image size \\(32, 40\\) must be divisible"
     yield "bias (D+1,)", dict(ok, bias=torch.randn(41)), "bias must have shape \\(D,\\) = \\(40,\\)"
     yield "bias float64", dict(ok, bias=ok["bias"].double()), "bias must have the weight's dtype"
-    yield "prefix (P, D)", dict(ok, prefix_tokens=ok["prefix_tokens"][0]), "prefix_tokens must have shape \\(1, P, D = 40\\)"
-    yield "pos_embed too long", dict(ok, pos_embed=torch.randn(1, 8, 40)), "pos_embed must have shape \\(1, P \\+ L, D\\) = \\(1, 7, 40\\) or \\(1, L, D\\) = \\(1, 6, 40\\)"
+    yield ("prefix (P, D)", dict(ok, prefix_tokens=ok["prefix_tokens"][0]),
+           "prefix_tokens must have shape \\(1, P, D = 40\\)")
+    yield ("pos_embed too long", dict(ok, pos_embed=torch.randn(1, 8, 40)),
+           "pos_embed must have shape \\(1, P \\+ L, D\\) = \\(1, 7, 40\\) or \\(1, L, D\\) = \\(1, 6, 40\\)")
     yield "pos_embed width", dict(ok, pos_embed=torch.randn(1, 7, 41)), "pos_embed must have shape"
     yield "mean 4 channels", dict(ok, mean=torch.rand(4)), "mean must have C = 3 elements"
     yield "std 2 channels", dict(ok, std=torch.rand(2)), "std must have C = 3 elements"
