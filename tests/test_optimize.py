@@ -5,13 +5,20 @@ the conversion and the fused residual stream, not the kernels (tests/test_optimi
 runs a tiny model on the kernels in the interpreter).
 """
 import logging
+import os
 
 import pytest
 import torch
-from torch import nn
 
-import vit_kernels as vk
-from vit_kernels.fused_block import FusedBlock
+# pytest imports every test module in one process and triton reads TRITON_INTERPRET when the
+# kernels are first imported: set it here too, so tests/test_optimize_triton.py can interpret.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+from torch import nn  # noqa: E402
+
+import vit_kernels as vk  # noqa: E402
+from vit_kernels.fused_block import FusedBlock  # noqa: E402
 
 timm = pytest.importorskip("timm")
 
@@ -23,7 +30,7 @@ SHALLOW = dict(depth=2)
 def _small(name):
     """depth 2, and the 518 px DINOv2 configs at 224 px (1369 -> 256 tokens, same architecture)."""
     size = vk.vision_transformer.MODEL_CONFIGS[name].get("img_size", 224)
-    return dict(SHALLOW, img_size=min(size, 256))
+    return dict(SHALLOW, img_size=224 if size > 256 else size)
 
 
 @pytest.fixture(autouse=True)
