@@ -16,7 +16,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import vit_kernels as vk
 from vit_kernels import _extension, reference
-from tests.utils import assert_within_pytorch_error
+from tests.utils import MIN_SAMPLES, assert_within_pytorch_error
 
 pe = importlib.import_module("vit_kernels.ops.patch_embed")  # the module; vk.ops.patch_embed is the function
 
@@ -50,11 +50,15 @@ def make_case(*, patch=16, size=(32, 48), img_dtype=torch.uint8, prefix=1, pos="
 
 
 def leaves(case, dtype, grad=True):
-    """Copies of ``case`` with the float tensors in ``dtype`` (layout kept), requiring grad."""
+    """Copies of ``case`` with the float tensors in ``dtype`` (layout kept), requiring grad.
+
+    mean and std get one gradient element per channel, too few for the numerics rule with 3
+    channels: they require grad only with MIN_SAMPLES channels or more (test_normalisation_gradients).
+    """
     out = {}
     for k, v in case.items():
         if v is not None and v.is_floating_point():
-            v = v.detach().to(dtype).requires_grad_(grad)
+            v = v.detach().to(dtype).requires_grad_(grad and (k not in ("mean", "std") or v.numel() >= MIN_SAMPLES))
         out[k] = v
     return out
 
@@ -122,6 +126,17 @@ def test_padding_is_zero_after_normalisation():
     out = vk.ops.patch_embed(images, weight, mean=mean, std=std, pad=True)
     pixel = (images.reshape(3) / 255 - mean) / std
     torch.testing.assert_close(out, (weight[:, :, 0, 0] @ pixel).reshape(1, 1, 4))
+
+
+# The gradients of mean and std: sums over the batch and the image per channel, judged over
+# MIN_SAMPLES channels; uint8 and float images, channels-last, and padding (padded pixels are
+# zero after normalisation and must add nothing).
+@pytest.mark.parametrize("img_dtype,channels_last,size,pad", [
+    (torch.uint8, False, (32, 48), False), (torch.float32, True, (32, 48), False), (torch.uint8, True, (30, 45), True)])
+def test_normalisation_gradients(img_dtype, channels_last, size, pad):
+    case = make_case(size=size, img_dtype=img_dtype, channels_last=channels_last, C=MIN_SAMPLES)
+    assert leaves(case, torch.float32)["mean"].requires_grad
+    check_against_reference(case, pad=pad)
 
 
 def test_batch_of_one_and_wide():
