@@ -55,8 +55,26 @@ def interpreter_enabled() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
+# Looked up once: torch.compile cannot trace importlib (a graph break in every op under fullgraph).
+_TRITON_INSTALLED = importlib.util.find_spec("triton") is not None
+
+
 def triton_installed() -> bool:
-    return importlib.util.find_spec("triton") is not None
+    return _TRITON_INSTALLED
+
+
+def launcher(kernel):
+    """What an op launches a Triton kernel through: torch.library's ``wrap_triton``, so that
+    torch.compile sees the launch, or the kernel itself when it runs in the interpreter (nothing
+    compiled to trace there, and torch 2.11's ``wrap_triton`` refuses an interpreted kernel)."""
+    from torch.library import wrap_triton
+    from triton.runtime.interpreter import InterpretedFunction
+    from triton.runtime.jit import JITFunction
+
+    fn = kernel
+    while not isinstance(fn, (JITFunction, InterpretedFunction)) and hasattr(fn, "fn"):
+        fn = fn.fn  # an Autotuner or Heuristics around the jitted function
+    return kernel if isinstance(fn, InterpretedFunction) else wrap_triton(kernel)
 
 
 def kernel_choice(device: torch.device | str) -> tuple[str, str]:

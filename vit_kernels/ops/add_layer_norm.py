@@ -12,7 +12,7 @@ from typing import Optional
 
 import torch
 from torch import Tensor
-from torch.library import register_autograd, triton_op, wrap_triton
+from torch.library import register_autograd, triton_op
 
 from .. import backend, reference
 
@@ -63,7 +63,7 @@ def _fwd(x: Tensor, residual: Optional[Tensor], weight: Optional[Tensor], bias: 
     nr2 = _rows(new_residual, width) if store_residual else x2  # without a store only its dtype is read
     block_m, block_n, num_warps = add_layer_norm_config(width, rows, x.device.type != "cuda")
     if rows and launch:
-        wrap_triton(_add_layer_norm_fwd)[(triton.cdiv(rows, block_m),)](
+        backend.launcher(_add_layer_norm_fwd)[(triton.cdiv(rows, block_m),)](
             x2, r2, gamma, row_scale, weight, bias, normed, nr2, mean, rstd,
             rows, width, _rows_per_sample(x), eps,
             x2.stride(0), x2.stride(1), r2.stride(0), r2.stride(1), width, nr2.stride(0),
@@ -98,7 +98,7 @@ def _bwd(dnormed: Tensor, dnew_residual: Optional[Tensor], h: Tensor, x: Tensor,
     dw_part, db_part, dg_part = partials(weight is not None), partials(has_bias), partials(gamma is not None)
     drow = x.new_empty((rows,) if row_scale_grad else (0,), dtype=torch.float32)
     if rows and launch:
-        wrap_triton(_add_layer_norm_bwd)[(programs,)](
+        backend.launcher(_add_layer_norm_bwd)[(programs,)](
             dy2, dnr2, h2, x2, gamma, row_scale, weight, mean, rstd, dx, dr2, dw_part, db_part, dg_part, drow,
             rows, width, _rows_per_sample(x),
             dy2.stride(0), dy2.stride(1), dnr2.stride(0), dnr2.stride(1), h2.stride(0), h2.stride(1),
@@ -116,7 +116,7 @@ def _define(name: str, fn, schema: str):
     """Register ``fn`` (launch=True) as the op ``vit_kernels::<name>``.
 
     On a GPU: ``triton_op``, so torch.compile sees the kernel itself. Under the interpreter,
-    wrap_triton hands back the raw interpreted kernel, which a traced graph would silently drop
+    ``backend.launcher`` hands back the raw interpreted kernel, which a traced graph would silently drop
     (triton_op inlines ``fn`` under torch.compile): there the op stays opaque (``custom_op``)
     with a fake that allocates without launching.
     """

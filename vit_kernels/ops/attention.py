@@ -28,7 +28,7 @@ from .. import backend, reference
 
 if backend.triton_installed():
     import triton
-    from torch.library import triton_op, wrap_triton
+    from torch.library import triton_op
 
     from ..kernels import attention as kernels
 else:  # the ops below are only reached through the kernel path, which needs triton
@@ -37,15 +37,13 @@ else:  # the ops below are only reached through the kernel path, which needs tri
     def triton_op(name, mutates_args):
         return torch.library.custom_op(name, mutates_args=mutates_args)
 
-    wrap_triton = None
-
 
 
 def _kernel_op(name: str):
-    """Register ``fn`` as the torch.library op ``name``; its body launches kernels via wrap_triton.
+    """Register ``fn`` as the torch.library op ``name``; its body launches kernels via ``backend.launcher``.
 
     On a GPU this is ``triton_op``: torch.compile sees the kernel launches inside. Under the
-    interpreter, torch's ``wrap_triton`` hands back the raw interpreted kernel, which cannot run
+    interpreter, ``backend.launcher`` hands back the raw interpreted kernel, which cannot run
     on fake tensors, so the op is an opaque ``custom_op`` whose fake implementation is the same
     body with the launches skipped (``_is_fake``): tracing and opcheck still cover it on a CPU.
     """
@@ -94,7 +92,7 @@ def _launch_fwd(q, k, v, o, lse, seed, scale, dropout_p, norms):
     B, H, N, _ = q.shape
     (qw, qb, q_eps), (kw, kb, k_eps) = norms
     grid = lambda meta: (B * H, triton.cdiv(N, meta["BLOCK_M"]))  # noqa: E731
-    wrap_triton(kernels._attention_fwd)[grid](
+    backend.launcher(kernels._attention_fwd)[grid](
         q, k, v, o, lse, seed, qw, qb, kw, kb, *q.stride(), *k.stride(), *v.stride(), *o.stride(),
         H, N, scale * LOG2E, q_eps, k_eps, dropout_p, **_constants(q, norms, dropout_p))
 
@@ -107,7 +105,7 @@ def _launch_bwd(do, q, k, v, o, lse, dq, dk, dv, seed, scale, dropout_p, norms):
     (qw, qb, q_eps), (kw, kb, k_eps) = norms
     consts = _constants(q, norms, dropout_p)
     delta = lse.new_empty(B * H, N)
-    wrap_triton(kernels._attention_bwd_delta)[(B * H, triton.cdiv(N, kernels.DELTA_BLOCK_M))](
+    backend.launcher(kernels._attention_bwd_delta)[(B * H, triton.cdiv(N, kernels.DELTA_BLOCK_M))](
         o, do, delta, *o.stride(), *do.stride(), H, N,
         HEAD_DIM=D, BLOCK_D=consts["BLOCK_D"], BLOCK_M=kernels.DELTA_BLOCK_M)
     # One (dw, db) slot per row block; zero-filled because a config with blocks larger than
@@ -116,10 +114,10 @@ def _launch_bwd(do, q, k, v, o, lse, dq, dk, dv, seed, scale, dropout_p, norms):
     q_part = lse.new_zeros(B * H, slots, 2, D)
     k_part = lse.new_zeros(B * H, slots, 2, D)
     common = (H, N, slots, scale, scale * LOG2E, q_eps, k_eps, dropout_p)
-    wrap_triton(kernels._attention_bwd_dkdv)[lambda meta: (B * H, triton.cdiv(N, meta["BLOCK_N"]))](
+    backend.launcher(kernels._attention_bwd_dkdv)[lambda meta: (B * H, triton.cdiv(N, meta["BLOCK_N"]))](
         q, k, v, do, lse, delta, dk, dv, seed, qw, qb, kw, kb, k_part,
         *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dk.stride(), *dv.stride(), *common, **consts)
-    wrap_triton(kernels._attention_bwd_dq)[lambda meta: (B * H, triton.cdiv(N, meta["BLOCK_M"]))](
+    backend.launcher(kernels._attention_bwd_dq)[lambda meta: (B * H, triton.cdiv(N, meta["BLOCK_M"]))](
         q, k, v, do, lse, delta, dq, seed, qw, qb, kw, kb, q_part,
         *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dq.stride(), *common, **consts)
     return q_part.sum(dim=(0, 1)), k_part.sum(dim=(0, 1))

@@ -20,7 +20,7 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
-from torch.library import triton_op, wrap_triton
+from torch.library import triton_op
 
 from .. import backend, reference
 
@@ -81,7 +81,7 @@ def _launch(a, b, c, M, N, K, a_strides, b_strides, *, bias=None, act="none", pr
         return  # nothing to write, and Triton rejects an empty grid
     placeholder = c  # unused pointer arguments: the constexpr flags keep the kernel off them
     aux_strides = (aux.stride(0), aux.stride(1)) if aux is not None else (0, 0)
-    wrap_triton(_kernels.gemm)[_kernels.grid(M, N)](
+    backend.launcher(_kernels.gemm)[_kernels.grid(M, N)](
         a, b, c,
         placeholder if bias is None else bias,
         placeholder if pre is None else pre,
@@ -151,7 +151,7 @@ def _linear_act_backward(grad: torch.Tensor, x: torch.Tensor, weight: torch.Tens
 
 
 # Shapes only. triton_op would trace the body as its fake, but under the interpreter
-# wrap_triton hands back the plain kernel, which cannot run on fake tensors.
+# backend.launcher hands back the plain kernel, which cannot run on fake tensors.
 @_linear_act.register_fake
 def _(x, weight, bias, activation, save_pre):
     M, N = x.shape[0], weight.shape[0]
