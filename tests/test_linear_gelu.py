@@ -94,6 +94,15 @@ def test_recompute_pre_activation(dtype, activation):
     _check(activation, x, w, b, torch.randn(2, 65, 129, device=DEVICE, dtype=dtype), recompute=True)
 
 
+@pytest.mark.parametrize("activation", reference.ACTIVATIONS)
+def test_saturated_activations(activation):
+    # Pre-activations of |x| up to ~150: the sigmoid's e^-z overflows float32 below z = -88, where
+    # the derivative must come out 0, not NaN (inf * 0), and above z = 2 where 1 - s would cancel.
+    x, w, b = _inputs((2, 65), 33, 129, torch.float32)
+    w = (w.detach() * 40).requires_grad_()
+    _check(activation, x, w, b, torch.randn(2, 65, 129, device=DEVICE))
+
+
 @pytest.mark.parametrize("activation", ["none", "gelu"])
 def test_strided_operands(activation):
     # x and W as transposed views, the gradient expanded along a (stride 0) dimension:
