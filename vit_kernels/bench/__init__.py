@@ -76,9 +76,12 @@ def resolve(plan: Plan):
 def run(plan: Plan, log=print) -> tuple[list[dict], Path]:
     """Run the plan; returns this run's rows and the output directory."""
     device, ops, models, dtypes, modes, compile_, quick = resolve(plan)
+    # Asking each op for its implementation also loads (or builds) the extension: before any row.
+    implementations = ", ".join(f"{op}: {_impl(op, device)}" for op in ops)
     if device.type != "cuda":
-        log(f"No CUDA device: timing the CPU paths only ({', '.join(f'{op}: {_impl(op, device)}' for op in ops)}). "
-            "The GPU kernels were NOT timed.")
+        log(f"No CUDA device: timing the CPU paths only ({implementations}). The GPU kernels were NOT timed.")
+    else:
+        log(f"Implementations: {implementations}")
     out_dir = Path(plan.out) if plan.out else Path("benchmarks") / "results" / device_slug(device)
     meta = metadata(device, backend.get_backend())
     budget = QUICK if quick else Budget()
@@ -116,6 +119,8 @@ def run(plan: Plan, log=print) -> tuple[list[dict], Path]:
             del pair, cases
             progress.update(1)
     progress.close()
+    if ceilings:
+        _drop_exceeded_ceilings(rows, meta, log)
 
     out_dir.mkdir(parents=True, exist_ok=True)
     all_rows = upsert_csv(out_dir / "results.csv", rows, meta)
@@ -133,6 +138,20 @@ def run(plan: Plan, log=print) -> tuple[list[dict], Path]:
     if device.type != "cuda":
         log("CPU run: the Triton kernels and the CUDA extension were not timed; run on a GPU for those numbers.")
     return rows, out_dir
+
+
+def _drop_exceeded_ceilings(rows: list[dict], meta: dict, log) -> None:
+    """A row faster than a measured ceiling shows that the ceiling was none: the peak column
+    (fraction of the ceiling) is then left out of every row of this run rather than passing 100%."""
+    for column, unit in (("frac_peak_flops", "matmul"), ("frac_peak_bw", "copy")):
+        over = [r for r in rows if r.get(column, 0) > 1]
+        if over:
+            worst = max(over, key=lambda r: r[column])
+            log(f"{worst['bench']} {worst['mode']} {worst['shape']} {worst['provider']} ran at "
+                f"{100 * worst[column]:.0f}% of the measured {unit} ceiling: the peak column is left out")
+            meta["ceilings"][f"{column}_left_out"] = f"{len(over)} rows above the ceiling"
+            for r in rows:
+                r.pop(column, None)
 
 
 def _keep(cases, providers):

@@ -21,7 +21,7 @@ def _short(error: BaseException) -> str:
 
 
 def run_case(case: Case, budget: Budget, ceilings: Optional[Ceilings]) -> list[dict]:
-    """One row per provider. status: ok | mismatch | oom | error | unsupported."""
+    """One row per provider. status: ok | unsteady | mismatch | oom | error | unsupported."""
     rows = []
     base = dict(kind=case.kind, bench=case.bench, mode=case.mode, shape=case.shape,
                 dtype=str(case.dtype).replace("torch.", ""), baseline=case.baseline,
@@ -65,6 +65,11 @@ def run_case(case: Case, budget: Budget, ceilings: Optional[Ceilings]) -> list[d
                 row.update(status="ok", p20_ms=timing.p20_ms, p50_ms=timing.p50_ms, p80_ms=timing.p80_ms,
                            runs=timing.runs, peak_mem_mb=timing.peak_mem_mb)
                 _derive(row, case, ceilings)
+                if not timing.steady:
+                    first, second = timing.halves_ms
+                    row.update(status="unsteady", note=f"median {first:.3f} ms over the first half of the timed "
+                                                       f"runs, {second:.3f} ms over the second, twice: no "
+                                                       "steady-state time")
         except torch.OutOfMemoryError as error:
             row.update(status="oom", note=_short(error))
         except (RuntimeError, NotImplementedError, ValueError, TypeError, AssertionError) as error:

@@ -23,6 +23,11 @@ class Timing:
     p80_ms: float
     runs: int
     peak_mem_mb: Optional[float] = None   # memory the calls needed beyond what was resident before
+    # False when the median of the first half of the timed runs and that of the second half differ
+    # by more than STEADY_TOLERANCE after a second try: the calls were still changing speed (one-time
+    # work not finished, the machine busy with something else), so p50 is no steady-state time.
+    steady: bool = True
+    halves_ms: tuple = ()
 
 
 @dataclass
@@ -34,6 +39,11 @@ class Budget:
 
 
 QUICK = Budget(warmup_ms=20.0, measure_ms=100.0, min_runs=3, max_runs=100)
+# Warm-up calls every input set this many times before anything is timed: the first call on a
+# set may compile, autotune or specialise (Triton specialises on pointer alignment, so a second
+# set can compile again), allocate, or load code.
+WARMUP_ROUNDS = 2
+STEADY_TOLERANCE = 0.25
 
 
 def percentile(values: Sequence[float], q: float) -> float:
@@ -77,35 +87,44 @@ class _Clock:
 
 
 def measure(calls: Sequence[Callable[[], object]], device: torch.device, budget: Budget = Budget()) -> Timing:
-    """Warm up, then time ``calls`` in rotation; returns p20/p50/p80 in milliseconds and peak memory."""
+    """Warm up, then time ``calls`` in rotation; returns p20/p50/p80 in milliseconds and peak memory.
+
+    Every call runs WARMUP_ROUNDS times untimed, then until ``budget.warmup_ms`` is spent (this
+    also estimates one call's time, which sets the number of timed runs). If the timed runs were
+    not steady, they are discarded and taken once more.
+    """
     clock = _Clock(device)
     cuda = device.type == "cuda"
     if cuda:
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats(device)
         resident = torch.cuda.memory_allocated(device)
-    # Warm-up doubles as the estimate of one call's time, which sets the number of timed runs.
     warm, elapsed = 0, 0.0
-    while warm < 2 or (elapsed < budget.warmup_ms and warm < budget.max_runs):
+    while warm < WARMUP_ROUNDS * len(calls) or (elapsed < budget.warmup_ms and warm < budget.max_runs):
         clock.time(calls[warm % len(calls)])
         elapsed += clock.collect()[0]
         warm += 1
     per_call = max(elapsed / warm, 1e-3)
     runs = int(min(budget.max_runs, max(budget.min_runs, budget.measure_ms / per_call)))
-    for i in range(runs):
-        clock.time(calls[i % len(calls)])
-    times = clock.collect()
+    for attempt in range(2):
+        for i in range(runs):
+            clock.time(calls[i % len(calls)])
+        times = clock.collect()
+        halves = (percentile(times[:runs // 2], 50), percentile(times[runs // 2:], 50)) if runs >= 2 else ()
+        steady = not halves or abs(halves[0] - halves[1]) <= STEADY_TOLERANCE * min(halves)
+        if steady:
+            break
     peak = None
     if cuda:
         # The flush buffer was allocated after `resident` was read: leave it out of the figure.
         peak = (torch.cuda.max_memory_allocated(device) - resident - _FLUSH_BYTES) / 2**20
         peak = max(peak, 0.0)
-    return Timing(percentile(times, 20), percentile(times, 50), percentile(times, 80), runs, peak)
+    return Timing(percentile(times, 20), percentile(times, 50), percentile(times, 80), runs, peak, steady, halves)
 
 
 @dataclass
 class Ceilings:
-    """The device's own limits, measured in this run: copy bandwidth and matmul rate."""
+    """The device's own limits, measured in this run: copy bandwidth and matmul rate (best runs)."""
     gbps: float
     tflops: float
     matmul_dtype: str
@@ -113,7 +132,12 @@ class Ceilings:
 
 
 def measure_ceilings(device: torch.device, quick: bool = False) -> Ceilings:
-    """A large device-to-device copy (bytes read + written) and a large matmul, both on random data."""
+    """A large device-to-device copy (bytes read + written) and large matmuls, on random data.
+
+    A ceiling is what the device reached at its best, so the fastest fifth of the timed runs
+    counts (p20; the rows are medians), and the matmul rate is the best of several sizes: a row's rate above it means
+    the ceiling was not one, and ``bench.run`` then leaves the peak column out.
+    """
     cuda = device.type == "cuda"
     budget = QUICK if quick else Budget()
     numel = 1 << 28 if cuda else 1 << 23   # 512 MiB of bf16 on a GPU, 32 MiB of fp32 on a CPU
@@ -121,11 +145,15 @@ def measure_ceilings(device: torch.device, quick: bool = False) -> Ceilings:
     src = torch.randn(numel, device=device, dtype=dtype)
     dst = torch.empty_like(src)
     copy = measure([lambda: dst.copy_(src)], device, budget)
-    gbps = 2 * src.numel() * src.element_size() / copy.p50_ms / 1e6
+    gbps = 2 * src.numel() * src.element_size() / copy.p20_ms / 1e6
     del src, dst
-    n = 8192 if cuda else 1024
-    a, b = (torch.randn(n, n, device=device, dtype=dtype) for _ in range(2))
-    mm = measure([lambda: a @ b], device, budget)
-    tflops = 2 * n**3 / mm.p50_ms / 1e9
-    how = f"copy of {numel} {dtype} elements (2x bytes); {n}^3 {dtype} matmul"
+    tflops = 0.0
+    sizes = (4096, 8192) if cuda else (384, 768, 1024)
+    for n in sizes:
+        a, b = (torch.randn(n, n, device=device, dtype=dtype) for _ in range(2))
+        mm = measure([lambda: a @ b], device, budget)
+        tflops = max(tflops, 2 * n**3 / mm.p20_ms / 1e9)
+        del a, b
+    how = (f"fastest fifth of copies of {numel} {dtype} elements (2x bytes); best of {'/'.join(map(str, sizes))}"
+           f"-cubed {dtype} matmuls")
     return Ceilings(gbps, tflops, str(dtype).replace("torch.", ""), how)
