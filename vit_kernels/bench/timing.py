@@ -106,7 +106,7 @@ def measure(calls: Sequence[Callable[[], object]], device: torch.device, budget:
         warm += 1
     per_call = max(elapsed / warm, 1e-3)
     runs = int(min(budget.max_runs, max(budget.min_runs, budget.measure_ms / per_call)))
-    for attempt in range(2):
+    for _ in range(2):  # a second try after an unsteady one
         for i in range(runs):
             clock.time(calls[i % len(calls)])
         times = clock.collect()
@@ -135,8 +135,8 @@ def measure_ceilings(device: torch.device, quick: bool = False) -> Ceilings:
     """A large device-to-device copy (bytes read + written) and large matmuls, on random data.
 
     A ceiling is what the device reached at its best, so the fastest fifth of the timed runs
-    counts (p20; the rows are medians), and the matmul rate is the best of several sizes: a row's rate above it means
-    the ceiling was not one, and ``bench.run`` then leaves the peak column out.
+    counts (p20; the rows are medians), and the matmul rate is the best of several sizes. A row's
+    rate above it means the ceiling was not one: ``bench.run`` then leaves the peak column out.
     """
     cuda = device.type == "cuda"
     budget = QUICK if quick else Budget()
