@@ -122,9 +122,9 @@ def test_shapes_all_factors(rows, width, dtype):
 
 # Every combination of residual / gamma / row_scale / affine, on the chunked column path (384 =
 # 3 x 128, fp32) and the masked single-chunk path (1000 in 1024 lanes, fp16), over 37 x 3 tokens
-# (a row count no block size divides; 37 samples, enough to judge d(row_scale)). With the shape sweep above (every factor on) this covers
-# each variant on both paths in both dtypes without the full 16 x 5 x 3 x 2 product, which would
-# take the interpreter well past the 3-minute budget.
+# (a row count no block size divides; 37 samples, enough to judge d(row_scale)). With the shape
+# sweep above (every factor on) this covers each variant on both paths in both dtypes without the
+# full 16 x 5 x 3 x 2 product, which would take the interpreter well past the 3-minute budget.
 @pytest.mark.parametrize("width,dtype", [(384, torch.float32), (1000, torch.float16)])
 @pytest.mark.parametrize("residual,gamma,row_scale,affine", list(itertools.product([False, True], repeat=4)))
 def test_variants(residual, gamma, row_scale, affine, width, dtype):
