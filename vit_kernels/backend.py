@@ -11,9 +11,11 @@ in ``ops/patch_embed.py`` and only reads the backend chosen here.
 from __future__ import annotations
 
 import contextlib
+import contextvars
+import dataclasses
 import importlib.util
 import os
-from typing import Iterator
+from typing import Any, Callable, Iterator, Optional
 
 import torch
 
@@ -63,10 +65,52 @@ def triton_installed() -> bool:
     return _TRITON_INSTALLED
 
 
+@dataclasses.dataclass(frozen=True)
+class Launch:
+    """One kernel launch as the host code made it: the kernel (a JITFunction or the Autotuner
+    around one), its grid, and its arguments exactly as passed."""
+    kernel: Any
+    grid: Any
+    args: tuple
+    kwargs: dict
+
+
+_recording: contextvars.ContextVar[Optional[list]] = contextvars.ContextVar("vit_kernels_recording", default=None)
+
+
+@contextlib.contextmanager
+def record_launches() -> Iterator[list[Launch]]:
+    """Inside, every op takes its kernel path and its launches are appended to the yielded list
+    instead of run: the op bodies can then run on meta tensors of any size. This is how the
+    compile report learns what the host code launches, and how an op's fake implementation
+    runs the body without launching."""
+    launches: list[Launch] = []
+    token = _recording.set(launches)
+    try:
+        yield launches
+    finally:
+        _recording.reset(token)
+
+
+class _Recorder:
+    def __init__(self, kernel, launches: list[Launch]):
+        self.kernel, self.launches = kernel, launches
+
+    def __getitem__(self, grid):
+        def launch(*args, **kwargs):
+            self.launches.append(Launch(self.kernel, grid, args, kwargs))
+        return launch
+
+
 def launcher(kernel):
-    """What an op launches a Triton kernel through: torch.library's ``wrap_triton``, so that
-    torch.compile sees the launch, or the kernel itself when it runs in the interpreter (nothing
-    compiled to trace there, and torch 2.11's ``wrap_triton`` refuses an interpreted kernel)."""
+    """What an op launches a Triton kernel through: ``kernel[grid](*args)`` on it launches.
+
+    torch.library's ``wrap_triton``, so that torch.compile sees the launch; the kernel itself
+    when it runs in the interpreter (nothing compiled to trace there, and torch 2.11's
+    ``wrap_triton`` refuses an interpreted kernel); a recorder inside ``record_launches``."""
+    recording = _recording.get()
+    if recording is not None:
+        return _Recorder(kernel, recording)
     from torch.library import wrap_triton
     from triton.runtime.interpreter import InterpretedFunction
     from triton.runtime.jit import JITFunction
@@ -77,11 +121,39 @@ def launcher(kernel):
     return kernel if isinstance(fn, InterpretedFunction) else wrap_triton(kernel)
 
 
+def kernel_op(name: str, fn: Optional[Callable] = None, *, schema: Optional[str] = None):
+    """Register ``fn``, whose body launches kernels through ``launcher``, as the op ``name``
+    (``@kernel_op(name)`` as a decorator).
+
+    Compiled kernels: ``triton_op``, so torch.compile sees the launches inside (its fake
+    implementation is ``fn`` itself, launches traced by ``wrap_triton``). Under the interpreter
+    the launch is a plain Python call that a traced graph would silently drop, so the op stays
+    opaque (``custom_op``) and its fake implementation runs ``fn`` with the launches recorded
+    and discarded: the same body gives the output shapes either way.
+    """
+    from torch.library import custom_op, triton_op
+
+    if fn is None:
+        return lambda fn: kernel_op(name, fn, schema=schema)
+    if not interpreter_enabled():
+        return triton_op(name, fn, mutates_args=(), schema=schema)
+
+    def fake(*args, **kwargs):
+        with record_launches():
+            return fn(*args, **kwargs)
+
+    op = custom_op(name, fn, mutates_args=(), schema=schema)
+    op.register_fake(fake)
+    return op
+
+
 def kernel_choice(device: torch.device | str) -> tuple[str, str]:
     """("triton" | "torch", why) for a tensor on ``device`` under the current backend."""
     device = torch.device(device)
     if _current == "torch":
         return "torch", "backend 'torch' selected"
+    if _recording.get() is not None:
+        return "triton", "launches recorded, not run (compile report)"
     if not triton_installed():
         reason = "triton is not installed"
         if _current == "triton":

@@ -7,18 +7,16 @@ scale does not, so that reduction is skipped unless asked for).
 """
 from __future__ import annotations
 
-import functools
 from typing import Optional
 
 import torch
 from torch import Tensor
-from torch.library import register_autograd, triton_op
+from torch.library import register_autograd
 
 from .. import backend, reference
 
 try:
     import triton
-    from triton.runtime.interpreter import InterpretedFunction
 
     from ..kernels.add_layer_norm import _add_layer_norm_bwd, _add_layer_norm_fwd, add_layer_norm_config
 except ImportError:  # no Triton on this platform: backend.kernel_choice then picks the reference
@@ -50,7 +48,7 @@ def _rows_per_sample(x: Tensor) -> int:
 
 def _fwd(x: Tensor, residual: Optional[Tensor], weight: Optional[Tensor], bias: Optional[Tensor],
          gamma: Optional[Tensor], row_scale: Optional[Tensor], eps: float, residual_dtype: torch.dtype,
-         store_residual: bool, launch: bool = True) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+         store_residual: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """-> (normed like x, new_residual in residual_dtype (empty unless stored), mean, rstd (rows,) fp32)."""
     width = x.shape[-1]
     x2 = _rows(x, width)
@@ -61,8 +59,8 @@ def _fwd(x: Tensor, residual: Optional[Tensor], weight: Optional[Tensor], bias: 
     mean = x.new_empty((rows,), dtype=torch.float32)
     rstd = x.new_empty((rows,), dtype=torch.float32)
     nr2 = _rows(new_residual, width) if store_residual else x2  # without a store only its dtype is read
-    block_m, block_n, num_warps = add_layer_norm_config(width, rows, x.device.type != "cuda")
-    if rows and launch:
+    block_m, block_n, num_warps = add_layer_norm_config(width, rows, backend.interpreter_enabled())
+    if rows:
         backend.launcher(_add_layer_norm_fwd)[(triton.cdiv(rows, block_m),)](
             x2, r2, gamma, row_scale, weight, bias, normed, nr2, mean, rstd,
             rows, width, _rows_per_sample(x), eps,
@@ -75,7 +73,7 @@ def _fwd(x: Tensor, residual: Optional[Tensor], weight: Optional[Tensor], bias: 
 
 def _bwd(dnormed: Tensor, dnew_residual: Optional[Tensor], h: Tensor, x: Tensor, weight: Optional[Tensor],
          has_bias: bool, gamma: Optional[Tensor], row_scale: Optional[Tensor], mean: Tensor, rstd: Tensor,
-         residual_dtype: Optional[torch.dtype], row_scale_grad: bool, launch: bool = True
+         residual_dtype: Optional[torch.dtype], row_scale_grad: bool
          ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """-> (dx, dresidual, dweight, dbias, dgamma, drow_scale); the last four fp32; absent ones empty.
 
@@ -85,7 +83,7 @@ def _bwd(dnormed: Tensor, dnew_residual: Optional[Tensor], h: Tensor, x: Tensor,
     dy2, h2, x2 = _rows(dnormed, width), _rows(h, width), _rows(x, width)
     dnr2 = dy2 if dnew_residual is None else _rows(dnew_residual, width)
     rows = x2.shape[0]
-    block_m, block_n, num_warps = add_layer_norm_config(width, rows, x.device.type != "cuda")
+    block_m, block_n, num_warps = add_layer_norm_config(width, rows, backend.interpreter_enabled())
     programs = triton.cdiv(rows, block_m)
     dx = x.new_empty(x.shape)
     store_dr = residual_dtype is not None
@@ -97,7 +95,7 @@ def _bwd(dnormed: Tensor, dnew_residual: Optional[Tensor], h: Tensor, x: Tensor,
 
     dw_part, db_part, dg_part = partials(weight is not None), partials(has_bias), partials(gamma is not None)
     drow = x.new_empty((rows,) if row_scale_grad else (0,), dtype=torch.float32)
-    if rows and launch:
+    if rows:
         backend.launcher(_add_layer_norm_bwd)[(programs,)](
             dy2, dnr2, h2, x2, gamma, row_scale, weight, mean, rstd, dx, dr2, dw_part, db_part, dg_part, drow,
             rows, width, _rows_per_sample(x),
@@ -112,28 +110,13 @@ def _bwd(dnormed: Tensor, dnew_residual: Optional[Tensor], h: Tensor, x: Tensor,
     return dx, dresidual, dweight, dbias, dgamma, drow_scale
 
 
-def _define(name: str, fn, schema: str):
-    """Register ``fn`` (launch=True) as the op ``vit_kernels::<name>``.
-
-    On a GPU: ``triton_op``, so torch.compile sees the kernel itself. Under the interpreter,
-    ``backend.launcher`` hands back the raw interpreted kernel, which a traced graph would silently drop
-    (triton_op inlines ``fn`` under torch.compile): there the op stays opaque (``custom_op``)
-    with a fake that allocates without launching.
-    """
-    if triton is not None and isinstance(_add_layer_norm_fwd, InterpretedFunction):
-        op = torch.library.custom_op(f"vit_kernels::{name}", fn, mutates_args=(), schema=schema)
-        op.register_fake(functools.partial(fn, launch=False))
-        return op
-    return triton_op(f"vit_kernels::{name}", fn, mutates_args=(), schema=schema)
-
-
 _FWD_SCHEMA = ("(Tensor x, Tensor? residual, Tensor? weight, Tensor? bias, Tensor? gamma, Tensor? row_scale, "
                "float eps, ScalarType residual_dtype, bool store_residual) -> (Tensor, Tensor, Tensor, Tensor)")
 _BWD_SCHEMA = ("(Tensor dnormed, Tensor? dnew_residual, Tensor h, Tensor x, Tensor? weight, bool has_bias, "
                "Tensor? gamma, Tensor? row_scale, Tensor mean, Tensor rstd, ScalarType? residual_dtype, "
                "bool row_scale_grad) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)")
-_define("add_layer_norm_fwd", _fwd, _FWD_SCHEMA)
-_define("add_layer_norm_bwd", _bwd, _BWD_SCHEMA)
+backend.kernel_op("vit_kernels::add_layer_norm_fwd", _fwd, schema=_FWD_SCHEMA)
+backend.kernel_op("vit_kernels::add_layer_norm_bwd", _bwd, schema=_BWD_SCHEMA)
 
 
 def _setup_context(ctx, inputs, output):

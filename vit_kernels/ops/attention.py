@@ -22,42 +22,15 @@ from typing import Optional
 
 import torch
 from torch import Tensor, nn
-from torch._subclasses.fake_tensor import FakeTensor
 
 from .. import backend, reference
 
 if backend.triton_installed():
     import triton
-    from torch.library import triton_op
 
     from ..kernels import attention as kernels
 else:  # the ops below are only reached through the kernel path, which needs triton
     triton = kernels = None
-
-    def triton_op(name, mutates_args):
-        return torch.library.custom_op(name, mutates_args=mutates_args)
-
-
-
-def _kernel_op(name: str):
-    """Register ``fn`` as the torch.library op ``name``; its body launches kernels via ``backend.launcher``.
-
-    On a GPU this is ``triton_op``: torch.compile sees the kernel launches inside. Under the
-    interpreter, ``backend.launcher`` hands back the raw interpreted kernel, which cannot run
-    on fake tensors, so the op is an opaque ``custom_op`` whose fake implementation is the same
-    body with the launches skipped (``_is_fake``): tracing and opcheck still cover it on a CPU.
-    """
-    def register(fn):
-        if not backend.interpreter_enabled():
-            return triton_op(name, mutates_args=())(fn)
-        op = torch.library.custom_op(name, fn, mutates_args=())
-        op.register_fake(fn)
-        return op
-    return register
-
-
-def _is_fake(t: Tensor) -> bool:
-    return isinstance(t, FakeTensor) or t.device.type == "meta"
 
 
 LOG2E = math.log2(math.e)
@@ -87,8 +60,6 @@ def _constants(q: Tensor, norms, dropout_p: float) -> dict:
 
 
 def _launch_fwd(q, k, v, o, lse, seed, scale, dropout_p, norms):
-    if _is_fake(q):
-        return
     B, H, N, _ = q.shape
     (qw, qb, q_eps), (kw, kb, k_eps) = norms
     grid = lambda meta: (B * H, triton.cdiv(N, meta["BLOCK_M"]))  # noqa: E731
@@ -100,8 +71,6 @@ def _launch_fwd(q, k, v, o, lse, seed, scale, dropout_p, norms):
 def _launch_bwd(do, q, k, v, o, lse, dq, dk, dv, seed, scale, dropout_p, norms):
     """Fills dq, dk, dv; returns the float32 (dw, db) sums of the q- and k-norm (zeros without)."""
     B, H, N, D = q.shape
-    if _is_fake(q):
-        return lse.new_zeros(2, D), lse.new_zeros(2, D)
     (qw, qb, q_eps), (kw, kb, k_eps) = norms
     consts = _constants(q, norms, dropout_p)
     delta = lse.new_empty(B * H, N)
@@ -139,7 +108,7 @@ _NO_NORMS = ((None, None, 0.0), (None, None, 0.0))
 # ---------------------------------------------------------------------------------------------
 # torch.library ops: (q, k, v) strided and packed qkv, forward and backward.
 
-@_kernel_op("vit_kernels::attention_fwd")
+@backend.kernel_op("vit_kernels::attention_fwd")
 def _attention_fwd(q: Tensor, k: Tensor, v: Tensor, scale: float, dropout_p: float, seed: Optional[Tensor],
                    packed_out: bool) -> tuple[Tensor, Tensor]:
     B, H, N, D = q.shape
@@ -153,7 +122,7 @@ def _attention_fwd(q: Tensor, k: Tensor, v: Tensor, scale: float, dropout_p: flo
     return out, lse
 
 
-@_kernel_op("vit_kernels::attention_bwd")
+@backend.kernel_op("vit_kernels::attention_bwd")
 def _attention_bwd(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, scale: float,
                    dropout_p: float, seed: Optional[Tensor], packed_out: bool) -> tuple[Tensor, Tensor, Tensor]:
     H = q.shape[1]
@@ -163,7 +132,7 @@ def _attention_bwd(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, l
     return dq, dk, dv
 
 
-@_kernel_op("vit_kernels::qkv_attention_fwd")
+@backend.kernel_op("vit_kernels::qkv_attention_fwd")
 def _qkv_attention_fwd(qkv: Tensor, num_heads: int, scale: float, dropout_p: float, seed: Optional[Tensor],
                        q_weight: Optional[Tensor], q_bias: Optional[Tensor], q_eps: float,
                        k_weight: Optional[Tensor], k_bias: Optional[Tensor], k_eps: float) -> tuple[Tensor, Tensor]:
@@ -176,7 +145,7 @@ def _qkv_attention_fwd(qkv: Tensor, num_heads: int, scale: float, dropout_p: flo
     return out, lse
 
 
-@_kernel_op("vit_kernels::qkv_attention_bwd")
+@backend.kernel_op("vit_kernels::qkv_attention_bwd")
 def _qkv_attention_bwd(dout: Tensor, qkv: Tensor, out: Tensor, lse: Tensor, num_heads: int, scale: float,
                        dropout_p: float, seed: Optional[Tensor],
                        q_weight: Optional[Tensor], q_bias: Optional[Tensor], q_eps: float,

@@ -20,7 +20,6 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
-from torch.library import triton_op
 
 from .. import backend, reference
 
@@ -94,7 +93,7 @@ def _launch(a, b, c, M, N, K, a_strides, b_strides, *, bias=None, act="none", pr
     )
 
 
-@triton_op("vit_kernels::linear_act", mutates_args=())
+@backend.kernel_op("vit_kernels::linear_act")
 def _linear_act(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], activation: str,
                 save_pre: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """act(x @ weight^T + bias) for x (M, K), weight (N, K); and the pre-activation (M, N) if save_pre, else (0,)."""
@@ -111,7 +110,7 @@ def _linear_act(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tens
     return out, pre
 
 
-@triton_op("vit_kernels::linear_act_backward", mutates_args=())
+@backend.kernel_op("vit_kernels::linear_act_backward")
 def _linear_act_backward(grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
                          pre: torch.Tensor, activation: str, need_dx: bool, need_dw: bool,
                          need_db: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -148,21 +147,6 @@ def _linear_act_backward(grad: torch.Tensor, x: torch.Tensor, weight: torch.Tens
         _launch(grad, x, dw_out, N, K, M, (grad.stride(1), grad.stride(0)), (x.stride(0), x.stride(1)),
                 row_sum=db if need_db else None, **prologue)
     return dx, dw, db
-
-
-# Shapes only. triton_op would trace the body as its fake, but under the interpreter
-# backend.launcher hands back the plain kernel, which cannot run on fake tensors.
-@_linear_act.register_fake
-def _(x, weight, bias, activation, save_pre):
-    M, N = x.shape[0], weight.shape[0]
-    return x.new_empty((M, N)), x.new_empty((M, N) if save_pre and activation != "none" else (0,))
-
-
-@_linear_act_backward.register_fake
-def _(grad, x, weight, bias, pre, activation, need_dx, need_dw, need_db):
-    (M, K), N = x.shape, weight.shape[0]
-    return (x.new_empty((M, K) if need_dx else (0,)), weight.new_empty((N, K) if need_dw else (0,)),
-            weight.new_empty((N,) if need_db and bias is not None else (0,)))
 
 
 def _setup_context(ctx, inputs, output):
