@@ -1,8 +1,9 @@
-"""Command line: python -m vit_kernels {info,bench}."""
+"""Command line: python -m vit_kernels {info,bench,compile-report}."""
 from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import platform
 import sys
 
@@ -60,6 +61,36 @@ def bench(args) -> int:
     return 1 if any(r.get("status") in ("mismatch", "error") for r in rows) else 0
 
 
+def compile_report(args) -> int:
+    from . import backend
+    if backend.interpreter_enabled():
+        print("error: compile-report compiles for sm_90; unset TRITON_INTERPRET (the interpreter replaces "
+              "the compiled kernels and their autotune configs)", file=sys.stderr)
+        return 2
+    from .compile_report import launches, report
+    precisions = tuple(launches.PRECISIONS) if args.full else launches.GATE_PRECISIONS
+    result = report.build(precisions, all_configs=args.full, workers=args.jobs, kernels=_names(args.kernels),
+                          log=lambda text: print(text, file=sys.stderr))
+    command = "python -m vit_kernels compile-report" + (" --full" if args.full else "") + \
+        (f" --kernels {args.kernels}" if args.kernels else "")
+    markdown = report.to_markdown(result, command)
+    if args.json:
+        with open(args.json, "w") as f:
+            f.write(report.to_json(result))
+    if args.markdown:
+        with open(args.markdown, "w") as f:
+            f.write(markdown)
+    else:
+        print(markdown)
+    failures = result.failures()
+    print(f"compile-report: {len(result.rows)} rows, {len(failures)} violations in kept configs",
+          file=sys.stderr)
+    for failure in failures:
+        print(f"  {failure['kernel']} [{failure['variant']}] {failure['config']}: "
+              f"{'; '.join(failure['violations'])}", file=sys.stderr)
+    return 1 if args.check and failures else 0
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m vit_kernels", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -86,8 +117,22 @@ def main(argv=None) -> int:
     bench_parser.add_argument("--no-plots", action="store_true")
     bench_parser.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     bench_parser.add_argument("--out", default=None, metavar="DIR", help="default: benchmarks/results/<device>")
+    report_parser = commands.add_parser(
+        "compile-report", help="compile every Triton kernel for sm_90 (no GPU needed) and report "
+                               "registers, spills, shared memory, tensor-core use",
+        description="Every kernel x launch variant the host code makes x autotune config, compiled for sm_90 "
+                    "exactly as a launch on an H100 would specialise it. The gate (default) covers bf16 and "
+                    "float32 and the configs the autotuner may pick; --full adds float16 and the pruned configs.")
+    report_parser.add_argument("--full", action="store_true", help="every precision and every config")
+    report_parser.add_argument("--json", metavar="PATH", help="write every row as JSON")
+    report_parser.add_argument("--markdown", metavar="PATH", help="write the tables here instead of stdout")
+    report_parser.add_argument("--check", action="store_true",
+                               help="exit 1 if a kept config fails to compile, spills, needs more than 227 KB "
+                                    "of shared memory or runs a 16-bit/TF32 dot without wgmma (HGMMA)")
+    report_parser.add_argument("--kernels", help="comma-separated substrings of kernel names to keep")
+    report_parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="compile processes (default: cores)")
     args = parser.parse_args(argv)
-    return {"info": info, "bench": bench}[args.command](args)
+    return {"info": info, "bench": bench, "compile-report": compile_report}[args.command](args)
 
 
 if __name__ == "__main__":

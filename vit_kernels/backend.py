@@ -57,6 +57,17 @@ def interpreter_enabled() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
+def float32_dots_on_kernels() -> bool:
+    """Whether float32 GEMMs and attention run the Triton kernels: only in the interpreter.
+
+    Compiled for sm_90 a float32 dot is either TF32 or FFMA, and the compile report
+    (benchmarks/results/static/) shows those kernels spilling (kilobytes of stack for FFMA on
+    triton 3.6, most attention backward configs even with TF32): on a GPU float32 runs PyTorch
+    (cuBLAS, SDPA), as fast as float32 gets there. The interpreter computes float32 dots exactly,
+    so it keeps testing the kernels' float32 path on a CPU."""
+    return interpreter_enabled()
+
+
 # Looked up once: torch.compile cannot trace importlib (a graph break in every op under fullgraph).
 _TRITON_INSTALLED = importlib.util.find_spec("triton") is not None
 

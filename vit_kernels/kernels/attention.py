@@ -66,21 +66,64 @@ def _configs(stage: str) -> list:
 
     ViT lengths are 197, 257, 577 and 1025 tokens: one token past a power of two, so 64-key
     blocks waste up to 20% at 197 and 32-key blocks about half that; the autotuner picks per N.
+    The backward's blocks are at least 64 rows: its dots with 32-row blocks compiled to
+    mma.sync (HMMA), not wgmma, in the sm_90 compile report. ``_prune`` drops, per launch,
+    the configs that spill for its flags.
     """
     if backend.interpreter_enabled():
         # The interpreter costs per tile step, not per element: big tiles keep CI fast.
         return [triton.Config({"BLOCK_M": 64, "BLOCK_N": 64})]
     if stage == "fwd":
-        shapes = [(128, 64, 8), (128, 32, 4), (64, 64, 4), (64, 32, 4), (128, 128, 8), (64, 128, 4)]
+        shapes = [(128, 64, 8, s) for s in (2, 3)] + [(128, 32, 4, s) for s in (2, 3)] + \
+            [(64, 64, 4, s) for s in (2, 3)] + [(64, 32, 4, s) for s in (2, 3)] + \
+            [(128, 128, 8, s) for s in (2, 3)] + [(64, 128, 4, s) for s in (2, 3)]
     else:
-        shapes = [(64, 64, 4), (32, 64, 4), (64, 128, 8), (32, 32, 4), (128, 64, 8)]
-    return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s)
-            for m, n, w in shapes for s in (2, 3)]
+        # 128 x 64 unpipelined (one stage) is the only backward tile whose dK/dV kernel does
+        # not spill at head dim 80 (padded to 128).
+        shapes = [(64, 64, 4, s) for s in (2, 3)] + [(128, 64, 8, s) for s in (1, 2, 3)] + \
+            [(64, 128, 8, s) for s in (2, 3)]
+    return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s) for m, n, w, s in shapes]
 
 
-def _autotune(stage: str):
+def _prune(kernel: str):
+    """The early_config_prune of ``kernel`` ("fwd", "dkdv" or "dq"): the configs that compile
+    without spilling for a launch's flags, as the sm_90 compile report found them (bf16,
+    triton 3.6: benchmarks/results/static/). "heavy": dropout with a fused qk-norm;
+    "wide": head dim above 64 (padded to 128)."""
+    def prune(configs, named_args, **flags):
+        if len(configs) == 1:
+            return configs  # the interpreter's
+        heavy = flags["DROPOUT"] and (flags["Q_NORM"] or flags["K_NORM"])
+        wide = flags["BLOCK_D"] > 64
+        kept = []
+        for config in configs:
+            m, n, stages = config.kwargs["BLOCK_M"], config.kwargs["BLOCK_N"], config.num_stages
+            tile = (m, n, config.num_warps, stages)
+            if kernel == "fwd":
+                # More than 32 scores per thread spilled 24 to 616 bytes there.
+                keep = not (heavy or wide) or m * n // (32 * config.num_warps) <= 32
+            elif kernel == "dkdv":
+                if wide:
+                    keep = tile == (128, 64, 8, 1)
+                elif heavy:
+                    keep = tile == (128, 64, 8, 3)    # 64 x 64 spilled 168 bytes, 128 x 64 in 2 stages 8
+                else:
+                    keep = n <= 64 and stages > 1     # 128 keys per block spilled 32 to 1,576 bytes
+            else:
+                if heavy:
+                    keep = n == 64 and stages == 2    # 3 stages spilled 32 bytes, 128 keys 304
+                else:
+                    keep = stages > 1 and (n <= 64 or not flags["DROPOUT"])   # dropout, 128 keys: 168
+            if keep:
+                kept.append(config)
+        return kept
+    return prune
+
+
+def _autotune(kernel: str):
     # Keyed on the exact N: a ViT runs a handful of fixed lengths, each tuned once.
-    return triton.autotune(configs=_configs(stage), key=["N", "HEAD_DIM", "Q_NORM", "K_NORM", "DROPOUT"])
+    return triton.autotune(configs=_configs("fwd" if kernel == "fwd" else "bwd"), key=["N", "HEAD_DIM", "Q_NORM", "K_NORM", "DROPOUT"],
+                           prune_configs_by=dict(early_config_prune=_prune(kernel)))
 
 
 @triton.jit
@@ -224,7 +267,7 @@ def _attention_bwd_delta(
     tl.store(DELTA + pid_bh.to(tl.int64) * N + offs_m, delta, mask=m_valid)
 
 
-@_autotune("bwd")
+@_autotune("dkdv")
 @triton.jit
 def _attention_bwd_dkdv(
     Q, K, V, DO, LSE, DELTA, DK, DV, SEED, QW, QB, KW, KB, KW_PART,
@@ -300,7 +343,7 @@ def _attention_bwd_dkdv(
                 offs_d, d_valid)
 
 
-@_autotune("bwd")
+@_autotune("dq")
 @triton.jit
 def _attention_bwd_dq(
     Q, K, V, DO, LSE, DELTA, DQ, SEED, QW, QB, KW, KB, QW_PART,

@@ -188,8 +188,9 @@ def gemm_configs() -> list[triton.Config]:
     N and K are multiples of 64 in every ViT, M is not: wide N tiles with 64-deep K steps for
     the large fc1/fc2 GEMMs, 64-row tiles for small batches (M = 197, 257) where 128-row
     tiles would leave most of the GPU idle, and the dW GEMM's long (M-deep) reduction is
-    covered by the same set. Configs that do not fit (e.g. fp32 at 256 wide) fail to compile
-    and are skipped by the autotuner.
+    covered by the same set. Every tile has 4 or 8 warps: wgmma needs whole warpgroups (a
+    2-warp 64x64x32 tile compiled to mma.sync, HMMA, in the sm_90 compile report).
+    ``prune_gemm_configs`` drops the ones that spill for a launch's flags.
     """
     if backend.interpreter_enabled():
         return [triton.Config(dict(_INTERPRETER_CONFIG))]
@@ -202,10 +203,37 @@ def gemm_configs() -> list[triton.Config]:
         (128, 64, 64, 4, 4),
         (64, 128, 64, 4, 4),
         (64, 64, 64, 4, 5),
-        (64, 64, 32, 2, 5),
     ]
     return [triton.Config(dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8), num_warps=w, num_stages=s)
             for bm, bn, bk, w, s in tiles]
+
+
+def _per_thread(config: triton.Config, rows: int, cols: int) -> int:
+    return rows * cols // (32 * config.num_warps)
+
+
+def prune_gemm_configs(configs, named_args, **flags):
+    """The configs that compile without spilling for this launch's flags (the sm_90 compile
+    report, bf16, triton 3.6: benchmarks/results/static/).
+
+    The activation epilogues (erf, tanh, sigmoid on the whole accumulator) need the
+    accumulator at no more than 64 fp32 values per thread: the 128-value tiles spilled 72 to
+    416 bytes (992 with act' in the epilogue). The act' prologue also holds the A tile and
+    the saved pre-activation in registers: at most 32 A values per thread (128x64x64 with 4
+    warps spilled 800 bytes).
+    """
+    if len(configs) == 1:
+        return configs  # the interpreter's
+    kept = []
+    for config in configs:
+        bm, bn, bk = (config.kwargs[k] for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K"))
+        accumulator = _per_thread(config, bm, bn)
+        if (flags["ACT"] or flags["EPILOGUE_GRAD"]) and accumulator > 64:
+            continue
+        if flags["PROLOGUE_GRAD"] and _per_thread(config, bm, bk) > 32:
+            continue
+        kept.append(config)
+    return kept
 
 
 # Every constexpr flag is in the key: the best tile for the dW GEMM (long reduction, prologue)
@@ -213,6 +241,7 @@ def gemm_configs() -> list[triton.Config]:
 gemm = triton.autotune(
     configs=gemm_configs(),
     key=["M", "N", "K", "HAS_BIAS", "ACT", "PROLOGUE_GRAD", "EPILOGUE_GRAD", "ROW_SUM", "DOT_PRECISION"],
+    prune_configs_by=dict(early_config_prune=prune_gemm_configs),
 )(_gemm)
 
 

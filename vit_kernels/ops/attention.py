@@ -5,7 +5,8 @@ q, k, v are read through strides (``qkv_attention`` reads the (B, N, 3, H, D) pr
 place), the output is written through strides ((B, N, H * D) for ``qkv_attention``, no
 transpose copy) and the packed gradient is written straight into one (B, N, 3 * C) buffer.
 
-Kernel-path limits: 16 <= head_dim <= 128, float16 / bfloat16 / float32, q, k, v of one length.
+Kernel-path limits: 16 <= head_dim <= 128, float16 / bfloat16 (float32 too in the interpreter; on
+a GPU float32 runs the reference, see ``backend.float32_dots_on_kernels``), q, k, v of one length.
 float32 inputs use TF32 dot products only when PyTorch's own float32 matmuls may
 (``torch.backends.cuda.matmul.allow_tf32``, i.e. ``torch.set_float32_matmul_precision`` below
 "highest"); otherwise full-precision fp32 dots.
@@ -231,7 +232,7 @@ def attention(q: Tensor, k: Tensor, v: Tensor, scale: Optional[float] = None, dr
         if t.dtype != q.dtype or t.device != q.device:
             raise ValueError(f"{name} is {t.dtype} on {t.device}; expected q's {q.dtype} on {q.device}")
     _check_dropout(dropout_p)
-    if not backend.use_triton(q):
+    if not backend.use_triton(q) or (q.dtype == torch.float32 and not backend.float32_dots_on_kernels()):
         return reference.attention(q, k, v, scale, dropout_p)
     _check_kernel_input("q", q)
     if k.shape[2] != q.shape[2]:
@@ -252,7 +253,7 @@ def qkv_attention(qkv: Tensor, num_heads: int, scale: Optional[float] = None,
         raise ValueError(
             f"qkv has {qkv.shape[-1]} features; expected a multiple of 3 * num_heads = {3 * num_heads}")
     _check_dropout(dropout_p)
-    if not backend.use_triton(qkv):
+    if not backend.use_triton(qkv) or (qkv.dtype == torch.float32 and not backend.float32_dots_on_kernels()):
         return reference.qkv_attention(qkv, num_heads, scale, dropout_p, q_norm, k_norm)
     _check_kernel_input("qkv", qkv.unflatten(-1, (3 * num_heads, -1)))
     head_dim = qkv.shape[-1] // (3 * num_heads)

@@ -33,7 +33,7 @@ def implementation(device: torch.device) -> tuple[str, str]:
     """Which implementation runs linear / linear_gelu on ``device``, and why."""
     impl, why = backend.kernel_choice(device)
     if impl == "triton":
-        return "triton", f"Triton GEMM with fused bias + activation epilogue ({why}; float64 runs the reference)"
+        return "triton", f"Triton GEMM with fused bias + activation epilogue ({why}; float64, and float32 outside the interpreter, run the reference)"
     return "torch", f"PyTorch reference ({why})"
 
 
@@ -59,7 +59,8 @@ def _check_dtypes(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Te
 def _autocast(*tensors: Optional[torch.Tensor]) -> tuple[Optional[torch.Tensor], ...]:
     """Cast to the autocast dtype as nn.Linear would: floating tensors other than float64."""
     device_type = tensors[0].device.type
-    if not torch.is_autocast_enabled(device_type):
+    # is_autocast_enabled raises for device types with no autocast (meta).
+    if not torch.amp.is_autocast_available(device_type) or not torch.is_autocast_enabled(device_type):
         return tensors
     dtype = torch.get_autocast_dtype(device_type)
     return tuple(t.to(dtype) if t is not None and t.is_floating_point() and t.dtype != torch.float64 else t
@@ -174,6 +175,8 @@ def _run(x, weight, bias, activation: str, recompute: bool) -> Optional[torch.Te
     _check_dtypes(x, weight, bias)
     # in_features = 0 (an empty reduction) is left to the reference: no tile would hold db.
     if not backend.use_triton(x) or x.dtype not in _KERNEL_DTYPES or x.shape[-1] == 0:
+        return None
+    if x.dtype == torch.float32 and not backend.float32_dots_on_kernels():
         return None
     # A view wherever the leading dims flatten; otherwise reshape makes the one needed copy.
     x2d = x.reshape(-1, x.shape[-1])

@@ -1,0 +1,157 @@
+"""The sm_90 compile report: its launch recording, its reading of the SASS, and its rules.
+
+The compiled cases run in tests/sm90_probe.py, a process without TRITON_INTERPRET: this
+session's kernels are interpreted, and compiling needs the real JIT.
+"""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import vit_kernels as vk
+from vit_kernels import backend
+
+pytest.importorskip("triton")
+from vit_kernels.compile_report import report, sm90  # noqa: E402
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _compiling_env() -> dict:
+    return {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+
+
+@pytest.fixture(scope="module")
+def probe():
+    done = subprocess.run([sys.executable, os.path.join(ROOT, "tests", "sm90_probe.py")], env=_compiling_env(),
+                          cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-4000:]
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def test_pipelined_gemm_holds_every_stage_in_shared_memory(probe):
+    # Triton's pipeliner keeps num_stages (A, B) tile pairs in shared memory: with the
+    # launch's specialisation it pipelines, so the report sees the kernel that really runs.
+    for stages in (3, 4):
+        row = probe[f"stages{stages}"]["row"]
+        assert row["error"] is None
+        assert row["shared"] >= stages * probe[f"stages{stages}"]["tile_bytes"], row
+        assert row["loads"]["LDGSTS"] > 0 and row["matrix"]["HGMMA"] > 0, row
+        assert row["violations"] == [], row
+    assert probe["stages4"]["row"]["shared"] > probe["stages3"]["row"]["shared"]
+
+
+def test_without_the_launch_attributes_the_pipeliner_gives_up(probe):
+    # Why specialisation is taken from Triton's binder: without the divisibility attributes
+    # the same kernel compiles to something else (no cp.async, fewer stages).
+    guessed, real = probe["without_attrs"], probe["stages4"]["row"]
+    assert guessed["error"] is None
+    assert guessed["loads"]["LDGSTS"] < real["loads"]["LDGSTS"] or guessed["shared"] < real["shared"], guessed
+
+
+def test_spilling_kernel_is_caught(probe):
+    row = probe["spilling"]
+    assert row["stack"] > 0 and row["local_loads"] + row["local_stores"] > 0, row
+    assert any(v.startswith("spills") for v in row["violations"]), row
+
+
+def test_bf16_dot_runs_on_wgmma_only_with_a_full_warpgroup(probe):
+    four, two = probe["dot_w4"], probe["dot_w2"]
+    assert four["matrix"]["HGMMA"] > 0 and four["matrix"]["HMMA"] == 0 and four["violations"] == [], four
+    # wgmma needs 4 warps: with 2 the dot falls back to mma.sync, which the gate rejects.
+    assert two["matrix"]["HGMMA"] == 0 and two["matrix"]["HMMA"] > 0, two
+    assert any("wgmma expected" in v for v in two["violations"]), two
+
+
+def test_records_the_launches_of_forward_and_backward():
+    meta = dict(device="meta", dtype=torch.float16)
+    x = torch.empty(197, 64, **meta, requires_grad=True)
+    w = torch.empty(256, 64, **meta, requires_grad=True)
+    b = torch.empty(256, **meta, requires_grad=True)
+    with vk.use_backend("triton"), backend.record_launches() as saved:
+        vk.ops.linear_gelu(x, w, b).sum().backward()
+    with vk.use_backend("triton"), backend.record_launches() as recomputed:
+        vk.ops.linear_gelu(x, w, b, recompute=True).sum().backward()
+    flags = [{k for k, v in launch.kwargs.items() if v is True} for launch in saved]
+    assert flags == [{"HAS_BIAS", "STORE_PRE"}, {"PROLOGUE_GRAD"}, {"PROLOGUE_GRAD", "ROW_SUM"}]
+    flags = [{k for k, v in launch.kwargs.items() if v is True} for launch in recomputed]
+    assert flags == [{"HAS_BIAS"}, {"HAS_BIAS", "EPILOGUE_GRAD"}, set(), {"ROW_SUM"}]
+    # The arguments are what a GPU launch would get: here the meta tensors, with their shapes.
+    assert saved[0].args[0].shape == (197, 64) and saved[0].args[0].device.type == "meta"
+
+
+SASS = """
+        Function : kernel
+        /*0000*/                   MOV R1, c[0x0][0x28] ;
+        /*0010*/                   LDGSTS.E.BYPASS.128 [R37], desc[UR14][R8.64], P5 ;
+        /*0020*/                   FFMA R2, R3, R4, R5 ;
+        /*0030*/                   HGMMA.64x128x16.F32.BF16 R24, gdesc[UR8], R24 ;
+        /*0040*/                   HGMMA.64x128x16.F32.BF16 R24, gdesc[UR8], R24, gsb0 ;
+        /*0050*/              @!P5 BRA 0x20 ;
+        /*0060*/                   LDL R9, [R1] ;
+        /*0070*/               @P0 BRA 0x0 ;
+        /*0080*/                   EXIT ;
+        /*0090*/                   BRA 0x90 ;
+"""
+
+
+def test_reads_instruction_counts_and_the_main_loop():
+    sass = sm90.read_sass(SASS)
+    assert sass["instructions"] == 10
+    assert sass["counts"]["HGMMA"] == 2 and sass["counts"]["LDGSTS"] == 1 and sass["counts"]["LDL"] == 1
+    # Two loops hold the HGMMAs: the inner one (0x20..0x50, 4 instructions) is the main loop;
+    # the trap loop after EXIT (a branch to itself) is no loop.
+    assert sass["main_loop"] == 4
+
+
+@pytest.mark.parametrize("warps, registers, shared, expected", [
+    (8, 175, 131072, 1),      # shared memory and registers both allow one
+    (4, 128, 32768, 4),       # registers: 4 warps x 128 x 32 = 16K of 64K
+    (4, 32, 0, 16),           # warps: 64 per SM
+    (1, 16, 0, 32),           # the 32-block limit
+])
+def test_ctas_per_sm(warps, registers, shared, expected):
+    assert sm90.ctas_per_sm(warps, registers, shared) == expected
+
+
+def _row(**changes):
+    row = dict(error=None, shared=1024, stack=0, local_loads=0, local_stores=0,
+               matrix=dict(HGMMA=8, HMMA=0, FFMA=0), dots=[["bf16", "tf32"]])
+    return {**row, **changes}
+
+
+def test_gate_rules():
+    assert report.violations(_row()) == []
+    assert "shared memory" in report.violations(_row(shared=228 * 1024))[0]
+    assert report.violations(_row(stack=16))[0].startswith("spills")
+    assert "wgmma expected" in report.violations(_row(matrix=dict(HGMMA=0, HMMA=4, FFMA=0)))[0]
+    # A full-precision float32 dot has no tensor-core form: FFMA is what it should be.
+    assert report.violations(_row(matrix=dict(HGMMA=0, HMMA=0, FFMA=900), dots=[["f32", "ieee"]])) == []
+    assert report.violations(_row(error="CompilationError: out of resources"))[0].startswith("does not compile")
+
+
+def test_cli_refuses_the_interpreter(capsys):
+    from vit_kernels.__main__ import main
+    if not backend.interpreter_enabled():
+        pytest.skip("this session compiles kernels")
+    assert main(["compile-report"]) == 2
+    assert "TRITON_INTERPRET" in capsys.readouterr().err
+
+
+def test_cli_check_and_json(tmp_path):
+    out = tmp_path / "report.json"
+    done = subprocess.run([sys.executable, "-m", "vit_kernels", "compile-report", "--kernels", "_attention_bwd_delta",
+                           "--check", "--json", str(out), "--markdown", str(tmp_path / "report.md")],
+                          env=_compiling_env(), cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-4000:]
+    data = json.loads(out.read_text())
+    assert data["failures"] == [] and data["rows"]
+    assert {r["kernel"] for r in data["rows"]} == {"vit_kernels.kernels.attention._attention_bwd_delta"}
+    # bf16 and float32 at head dims 64 and 80, from real scenarios.
+    labels = {v["label"].split(" | ")[0] for v in data["variants"]}
+    assert any("HEAD_DIM=80" in label for label in labels) and any(label.startswith("fp32") for label in labels)
+    assert data["cold_start"]["compilations"] > 0
+    assert "## Gate" in (tmp_path / "report.md").read_text()

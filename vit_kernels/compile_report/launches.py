@@ -1,0 +1,158 @@
+"""The kernel launches the host code makes, learnt by running it on meta tensors.
+
+Every scenario runs real vit_kernels code (a model's forward and backward, or a public op)
+inside ``backend.record_launches()`` on the meta device: no memory, no GPU, and the
+launches come out with the exact arguments a GPU run would pass (dtypes, shapes, strides,
+storage offsets of packed views, constexpr flags). Nothing here restates what the ops launch.
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import warnings
+from typing import Callable, Iterator
+
+import torch
+
+from .. import backend, ops
+from ..bench.models import FULL_BATCHES, MODEL_MODES
+from ..vision_transformer import create_model
+
+META = torch.device("meta")
+TRAIN_BATCH = 256
+INFERENCE_BATCHES = (1, 32, 256)
+
+
+@dataclasses.dataclass(frozen=True)
+class Precision:
+    """An operand dtype and, for float32, whether PyTorch's matmuls may use TF32."""
+    name: str
+    dtype: torch.dtype
+    tf32: bool = False
+
+
+PRECISIONS = {p.name: p for p in (
+    Precision("bf16", torch.bfloat16),
+    Precision("fp16", torch.float16),
+    Precision("fp32-tf32", torch.float32, tf32=True),
+    Precision("fp32", torch.float32),
+)}
+# fp16 compiles to the code of bf16 but for the element type, and float32 launches no dot kernel
+# outside the interpreter (backend.float32_dots_on_kernels), so TF32 changes nothing: the gate
+# leaves both to the full report.
+GATE_PRECISIONS = ("bf16", "fp32")
+
+
+@dataclasses.dataclass(frozen=True)
+class Scenario:
+    name: str                      # what a user runs, e.g. "ViT-B/16 train b256"
+    run: Callable[[torch.dtype], None]
+
+
+@dataclasses.dataclass(frozen=True)
+class Recorded:
+    scenario: str
+    precision: str
+    launch: backend.Launch
+
+
+@contextlib.contextmanager
+def _precision(precision: Precision) -> Iterator[None]:
+    previous = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("high" if precision.tf32 else "highest")
+    try:
+        yield
+    finally:
+        torch.set_float32_matmul_precision(previous)
+
+
+def _model_run(name: str, mode: str, batch: int, **overrides) -> Callable[[torch.dtype], None]:
+    def run(dtype: torch.dtype) -> None:
+        with META:
+            model = create_model(name, **overrides).to(dtype)
+        images = torch.empty(batch, 3, *model.patch_embed.img_size, device=META, dtype=dtype)
+        if mode == "train":
+            model.train()
+            model(images).float().sum().backward()
+        else:
+            model.eval()
+            with torch.no_grad():
+                model(images)
+    return run
+
+
+def _models() -> list[Scenario]:
+    """Real ViTs: ViT-S/B/L/H (C 384 to 1280, head dims 64 and 80), lengths 197, 257, 577 and 1025,
+    and the towers whose blocks differ (DINOv2's LayerScale, CLIP's QuickGELU, SigLIP's tanh GELU)."""
+    models = [
+        ("ViT-S/16", "vit_small_patch16_224", {}),
+        ("ViT-B/16", "vit_base_patch16_224", {}),
+        ("ViT-L/16", "vit_large_patch16_224", {}),
+        ("ViT-H/14", "vit_huge_patch14_224", {}),
+        ("ViT-B/16 at 384 (N 577)", "vit_base_patch16_224", dict(img_size=384)),
+        ("ViT-L/16 at 512 (N 1025)", "vit_large_patch16_224", dict(img_size=512)),
+        ("DINOv2 ViT-B/14 reg4", "vit_base_patch14_reg4_dinov2", {}),
+        ("CLIP ViT-B/16", "vit_base_patch16_clip_224", dict(act_layer="quick_gelu")),
+        ("SigLIP ViT-B/16", "vit_base_patch16_siglip_224", dict(act_layer="gelu_tanh")),
+    ]
+    scenarios = []
+    for label, name, overrides in models:
+        scenarios.append(Scenario(f"{label} train b{TRAIN_BATCH}", _model_run(name, "train", TRAIN_BATCH, **overrides)))
+        for batch in INFERENCE_BATCHES:
+            scenarios.append(Scenario(f"{label} inference b{batch}", _model_run(name, "inference", batch, **overrides)))
+    # Training features the plain models leave off.
+    features = [
+        ("qk-norm", dict(qk_norm=True)),
+        ("attention dropout", dict(attn_drop_rate=0.1)),
+        ("qk-norm + attention dropout", dict(qk_norm=True, attn_drop_rate=0.1)),
+        ("LayerScale + DropPath", dict(init_values=1e-5, drop_path_rate=0.1)),
+    ]
+    for label, overrides in features:
+        scenarios.append(Scenario(f"ViT-B/16 train b{TRAIN_BATCH}, {label}",
+                                  _model_run("vit_base_patch16_224", "train", TRAIN_BATCH, **overrides)))
+    return scenarios
+
+
+def _linear_gelu_recompute(dtype: torch.dtype) -> None:
+    """fc1 of ViT-B with ``recompute=True``: no saved pre-activation, one more GEMM in the backward."""
+    x = torch.empty(TRAIN_BATCH * 197, 768, device=META, dtype=dtype, requires_grad=True)
+    w = torch.empty(3072, 768, device=META, dtype=dtype, requires_grad=True)
+    b = torch.empty(3072, device=META, dtype=dtype, requires_grad=True)
+    ops.linear_gelu(x, w, b, recompute=True).sum().backward()
+
+
+def _attention_bhnd(dtype: torch.dtype) -> None:
+    """``vk.ops.attention`` on (B, H, N, D) tensors laid out as SDPA users hold them."""
+    q, k, v = (torch.empty(TRAIN_BATCH, 12, 197, 64, device=META, dtype=dtype, requires_grad=True)
+               for _ in range(3))
+    ops.attention(q, k, v).sum().backward()
+
+
+def _ops() -> list[Scenario]:
+    return [Scenario("linear_gelu(recompute=True) fwd+bwd, ViT-B fc1", _linear_gelu_recompute),
+            Scenario("attention(q, k, v) fwd+bwd, (B, H, N, D) contiguous", _attention_bhnd)]
+
+
+def scenarios() -> list[Scenario]:
+    return _models() + _ops()
+
+
+def benchmark_scenarios(model: str = "vit_base_patch16_224") -> list[Scenario]:
+    """What ``python -m vit_kernels bench --models MODEL`` runs on a GPU: every mode at every batch."""
+    return [Scenario(f"{model} {mode} b{batch}", _model_run(model, mode, batch))
+            for mode in MODEL_MODES for batch in FULL_BATCHES]
+
+
+def record(scenario_list: list[Scenario], precisions: tuple[str, ...]) -> list[Recorded]:
+    """Every launch each scenario makes in each precision, in order."""
+    recorded = []
+    for precision_name in precisions:
+        precision = PRECISIONS[precision_name]
+        for scenario in scenario_list:
+            with warnings.catch_warnings(), _precision(precision), backend.use_backend("triton"), \
+                    backend.record_launches() as launches:
+                # The patch-embed extension has no meta kernel and says so; its reference runs instead.
+                warnings.simplefilter("ignore", RuntimeWarning)
+                scenario.run(precision.dtype)
+            recorded += [Recorded(scenario.name, precision_name, launch) for launch in launches]
+    return recorded

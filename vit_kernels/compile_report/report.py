@@ -1,0 +1,298 @@
+"""Assemble the sm_90 compile report: variants, rows, the gate's rules, markdown and JSON."""
+from __future__ import annotations
+
+import collections
+import concurrent.futures
+import dataclasses
+import datetime
+import json
+import multiprocessing
+import os
+import subprocess
+import time
+from typing import Optional
+
+import triton
+
+from . import launches, sm90
+
+# Rules a kept config must pass (--check).
+MAX_SHARED = sm90.BLOCK_SHARED_MAX
+TENSOR_CORE_DTYPES = ("bf16", "f16")
+
+
+@dataclasses.dataclass
+class Variant:
+    """One specialisation of one kernel as the host launches it, before a config is chosen."""
+    kernel: str
+    label: str
+    launch: object
+    seen_in: set = dataclasses.field(default_factory=set)      # (scenario, precision)
+    configs: list = dataclasses.field(default_factory=list)    # every config of the kernel
+    kept: list = dataclasses.field(default_factory=list)       # those the autotuner may pick here
+
+
+def _config_label(config) -> str:
+    if config is None:
+        return "host-chosen"
+    tiles = "x".join(str(v) for k, v in config.kwargs.items() if k.startswith("BLOCK"))
+    rest = ",".join(f"{k}={v}" for k, v in config.kwargs.items() if not k.startswith("BLOCK"))
+    return f"{tiles} w{config.num_warps} s{config.num_stages}" + (f" {rest}" if rest else "")
+
+
+def _variant_label(job: sm90.Job, tuned: set) -> str:
+    """Operand dtype, the host's flags, and the integer specialisations (=1, not divisible by 16)."""
+    signature = dict(job.signature)
+    constexprs = {job.signature[path[0]][0]: value for path, value in job.constexprs if len(path) == 1}
+    dtype = next((t[1:] for t in signature.values() if t.startswith("*")), "?")
+    flags = []
+    for name, value in constexprs.items():
+        if name in tuned or name.startswith("stride") or signature.get(name) != "constexpr":
+            continue
+        if value is True:
+            flags.append(name)
+        elif value is not False and value is not None:
+            flags.append(f"{name}={value}")
+    divisible = {job.signature[path[0]][0] for path, attr in job.attrs if attr}
+    ones = [n for n, v in constexprs.items() if v == 1 and signature[n] == "constexpr" and n.startswith("stride")]
+    odd = [n for n, t in signature.items() if t in ("i32", "i64") and n not in divisible]
+    spec = (f" | =1: {','.join(ones)}" if ones else "") + (f" | %16!=0: {','.join(odd)}" if odd else "")
+    return f"{dtype} {' '.join(flags)}{spec}"
+
+
+def _launch_identity(launch) -> tuple:
+    """Cheap identity of a launch: equal identities specialise identically (saves binder calls)."""
+    def describe(value):
+        if hasattr(value, "data_ptr"):
+            return ("T", str(value.dtype), tuple(value.shape), tuple(value.stride()), value.storage_offset())
+        return ("V", repr(value))
+    return (id(launch.kernel), tuple(describe(a) for a in launch.args),
+            tuple(sorted((k, describe(v)) for k, v in launch.kwargs.items())))
+
+
+def collect_variants(recorded: list[launches.Recorded]) -> dict[tuple, Variant]:
+    """Group launches by specialisation, ignoring the config: one Variant per distinct compiled kernel family."""
+    variants: dict[tuple, Variant] = {}
+    by_identity: dict[tuple, tuple] = {}
+    for rec in recorded:
+        launch = rec.launch
+        identity = _launch_identity(launch)
+        if identity not in by_identity:
+            configs = sm90.configs(launch.kernel)
+            tuned = set(configs[0].all_kwargs()) if configs[0] is not None else set()
+            job = sm90.specialise(launch.kernel, launch.args, launch.kwargs, configs[0])
+            options = tuple((k, v) for k, v in job.options if k not in tuned)
+            constexprs = tuple((p, v) for p, v in job.constexprs if job.signature[p[0]][0] not in tuned)
+            key = (job.module, job.name, job.signature, constexprs, job.attrs, options)
+            by_identity[identity] = key
+            if key not in variants:
+                variants[key] = Variant(sm90.kernel_name(launch.kernel), _variant_label(job, tuned), launch,
+                                        configs=configs,
+                                        kept=sm90.kept_configs(launch.kernel, launch.args, launch.kwargs))
+        variants[by_identity[identity]].seen_in.add((rec.scenario, rec.precision))
+    return variants
+
+
+def _compile_all(jobs: list[sm90.Job], workers: int) -> dict[tuple, dict]:
+    results: dict[tuple, dict] = {}
+    if workers <= 1:
+        for job in jobs:
+            start = time.perf_counter()
+            results[job.key()] = {**sm90.compile_job(job), "seconds": time.perf_counter() - start}
+        return results
+    # spawn: a forked copy of a process holding torch's threads can deadlock.
+    with concurrent.futures.ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+        futures = {pool.submit(_timed_compile, job): job for job in jobs}
+        for future in concurrent.futures.as_completed(futures):
+            results[futures[future].key()] = future.result()
+    return results
+
+
+def _timed_compile(job: sm90.Job) -> dict:
+    start = time.perf_counter()
+    return {**sm90.compile_job(job), "seconds": time.perf_counter() - start}
+
+
+def violations(row: dict) -> list[str]:
+    """Why a kept config fails the gate (empty: it passes)."""
+    if row["error"]:
+        return [f"does not compile: {row['error']}"]
+    found = []
+    if row["shared"] > MAX_SHARED:
+        found.append(f"needs {row['shared'] // 1024} KB of shared memory (> {MAX_SHARED // 1024} KB)")
+    if row["stack"] or row["local_loads"] or row["local_stores"]:
+        found.append(f"spills: {row['stack']} B stack, {row['local_loads']} local loads, "
+                     f"{row['local_stores']} local stores")
+    tensor_core_dots = [d for d in row["dots"] if d[0] in TENSOR_CORE_DTYPES or d[1] in ("tf32", "tf32x3")]
+    if tensor_core_dots and (row["matrix"]["HGMMA"] == 0 or row["matrix"]["HMMA"] > 0):
+        found.append(f"{len(tensor_core_dots)} tensor-core dots but {row['matrix']['HGMMA']} HGMMA, "
+                     f"{row['matrix']['HMMA']} HMMA (wgmma expected)")
+    return found
+
+
+def _matrix_label(row: dict) -> str:
+    used = [op for op in ("HGMMA", "HMMA") if row["matrix"][op]]
+    if used:
+        return "+".join(used)
+    return "FFMA" if row["dots"] else "-"
+
+
+def _loads_label(row: dict) -> str:
+    if row["loads"]["UTMALDG"]:
+        return "TMA"
+    if row["loads"]["LDGSTS"]:
+        return "cp.async"
+    return "ld.global"
+
+
+@dataclasses.dataclass
+class Report:
+    meta: dict
+    rows: list[dict]
+    variants: list[dict]
+    cold_start: dict
+
+    def failures(self) -> list[dict]:
+        return [r for r in self.rows if r["kept"] and r["violations"]] + \
+            [dict(kernel=v["kernel"], variant=v["label"], config="-", violations=["no kept config passes"])
+             for v in self.variants if not any(r["kept"] and not r["violations"] for r in self.rows
+                                               if r["variant_id"] == v["id"])]
+
+
+def _toolchain() -> dict:
+    ptxas = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
+    try:
+        version = subprocess.run([ptxas, "--version"], capture_output=True, text=True).stdout.strip().splitlines()[-1]
+    except OSError as error:
+        version = f"unknown ({error})"
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                                cwd=os.path.dirname(__file__)).stdout.strip() or "unknown"
+    except OSError:
+        commit = "unknown"
+    import torch
+    return dict(triton=triton.__version__, torch=torch.__version__, ptxas=version, commit=commit,
+                target="sm_90 (cuda, warp size 32)")
+
+
+def cold_start(results: dict, seconds_per_compile: float) -> dict:
+    """What a fresh GPU machine compiles before ``bench --models vit_base_patch16_224`` times anything."""
+    recorded = launches.record(launches.benchmark_scenarios(), ("bf16",))
+    keys, jobs, runs = set(), set(), 0
+    per_kernel = collections.Counter()
+    for rec in recorded:
+        launch = rec.launch
+        key = sm90.autotune_key(launch.kernel, launch.args, launch.kwargs)
+        ident = (sm90.kernel_name(launch.kernel), key)
+        kept = sm90.kept_configs(launch.kernel, launch.args, launch.kwargs)
+        if key is not None and ident not in keys:
+            keys.add(ident)
+            runs += len(kept)
+            per_kernel[ident[0]] += 1
+        for config in kept:
+            jobs.add(sm90.specialise(launch.kernel, launch.args, launch.kwargs, config).key())
+    return dict(scenarios=[s.name for s in launches.benchmark_scenarios()], autotune_keys=len(keys),
+                keys_per_kernel=dict(per_kernel), configs_benchmarked=runs, compilations=len(jobs),
+                estimated_minutes=round(len(jobs) * seconds_per_compile / 60, 1))
+
+
+def build(precisions: tuple[str, ...], all_configs: bool, workers: int, kernels: Optional[list[str]] = None,
+          log=print) -> Report:
+    """Record, specialise, compile and read every variant in ``precisions``: the configs the
+    autotuner may pick for it, or with ``all_configs`` the pruned ones too (to show why)."""
+    started = time.perf_counter()
+    recorded = launches.record(launches.scenarios(), precisions)
+    variants = collect_variants(recorded)
+    if kernels:
+        variants = {k: v for k, v in variants.items() if any(name in v.kernel for name in kernels)}
+    log(f"{len(recorded)} launches recorded in {time.perf_counter() - started:.1f} s: "
+        f"{len(variants)} variants of {len({v.kernel for v in variants.values()})} kernels")
+
+    planned = []  # (variant id, variant, config, kept, job)
+    for vid, variant in enumerate(variants.values()):
+        kept = [sm90.specialise(variant.launch.kernel, variant.launch.args, variant.launch.kwargs, c).key()
+                for c in variant.kept]
+        for config in (variant.configs if all_configs else variant.kept):
+            job = sm90.specialise(variant.launch.kernel, variant.launch.args, variant.launch.kwargs, config)
+            planned.append((vid, variant, config, job.key() in kept, job))
+    jobs = list({job.key(): job for *_, job in planned}.values())
+    log(f"compiling {len(jobs)} kernels for sm_90 in {workers} processes")
+    started = time.perf_counter()
+    results = _compile_all(jobs, workers)
+    elapsed = time.perf_counter() - started
+    seconds = [r["seconds"] for r in results.values()]
+    mean_seconds = sum(seconds) / max(1, len(seconds))
+    log(f"compiled in {elapsed:.0f} s ({mean_seconds:.1f} s per kernel in one process)")
+
+    rows = []
+    for vid, variant, config, kept, job in planned:
+        result = results[job.key()]
+        row = dict(kernel=variant.kernel, variant=variant.label, variant_id=vid, config=_config_label(config),
+                   num_warps=dict(job.options)["num_warps"], num_stages=dict(job.options)["num_stages"],
+                   kept=kept, **{k: v for k, v in result.items() if k != "seconds"})
+        row["violations"] = violations(row)
+        rows.append(row)
+    variant_rows = [dict(id=vid, kernel=v.kernel, label=v.label,
+                         seen_in=sorted(f"{s} [{p}]" for s, p in v.seen_in),
+                         configs=len(v.configs), kept=[_config_label(c) for c in v.kept])
+                    for vid, v in enumerate(variants.values())]
+    meta = dict(**_toolchain(), configs="all" if all_configs else "kept", precisions=list(precisions),
+                date=datetime.date.today().isoformat(), compile_seconds=round(elapsed, 1), workers=workers,
+                mean_compile_seconds=round(mean_seconds, 2))
+    return Report(meta, rows, variant_rows, cold_start(results, mean_seconds))
+
+
+def to_json(report: Report) -> str:
+    return json.dumps(dict(meta=report.meta, cold_start=report.cold_start, variants=report.variants,
+                           rows=report.rows, failures=report.failures()), indent=1, default=str)
+
+
+def to_markdown(report: Report, command: str) -> str:
+    m = report.meta
+    out = [f"# sm_90 compile report: triton {m['triton']}", "",
+           f"Compiled for {m['target']} with no GPU by `{command}`: every Triton kernel, every launch variant "
+           f"the host code makes in the scenarios below, and {'every' if m['configs'] == 'all' else 'every kept'} "
+           "autotune config.", "",
+           f"triton {m['triton']}, torch {m['torch']}, ptxas: {m['ptxas']}; commit {m['commit']}; {m['date']}; "
+           f"precisions {', '.join(m['precisions'])}; {len(report.rows)} rows, compiled in {m['compile_seconds']} s "
+           f"with {m['workers']} processes ({m['mean_compile_seconds']} s per kernel).", "",
+           "Columns: regs = registers per thread; stack = spill bytes; LDL/STL = local loads/stores in the SASS; "
+           "smem = dynamic shared memory; MMA = tensor-core instructions (HGMMA = Hopper wgmma, HMMA = older "
+           "mma.sync, FFMA = dots on the FMA units); loads = TMA, cp.async or plain global loads; loop = SASS "
+           "instructions per main-loop iteration (per warp); CTA/SM = resident blocks allowed. "
+           "kept = the autotuner may pick it for this variant; pruned configs are shown for what they would cost.", ""]
+    failures = report.failures()
+    out += ["## Gate", "", f"**{'PASS' if not failures else 'FAIL'}**: {len(failures)} violations in kept configs.", ""]
+    for f in failures:
+        out.append(f"- {f['kernel']} [{f['variant']}] {f['config']}: {'; '.join(f['violations'])}")
+    c = report.cold_start
+    per_kernel = ", ".join(f"{kernel.rsplit('.', 1)[-1]} {n}" for kernel, n in c["keys_per_kernel"].items())
+    out += ["", "## Cold start of the ViT-B/16 benchmark (bf16)", "",
+            f"{c['autotune_keys']} autotune keys ({per_kernel}), "
+            f"{c['configs_benchmarked']} configs benchmarked, {c['compilations']} distinct compilations: "
+            f"about {c['estimated_minutes']} min of compiling at this machine's rate in one process.", ""]
+    out += ["## Summary", "", "| kernel | variants | configs | kept rows | pruned rows | violations |",
+            "|---|---:|---:|---:|---:|---:|"]
+    for kernel in sorted({v["kernel"] for v in report.variants}):
+        rows = [r for r in report.rows if r["kernel"] == kernel]
+        out.append(f"| {kernel} | {len({r['variant_id'] for r in rows})} | "
+                   f"{max(v['configs'] for v in report.variants if v['kernel'] == kernel)} | "
+                   f"{sum(r['kept'] for r in rows)} | {sum(not r['kept'] for r in rows)} | "
+                   f"{sum(bool(r['kept'] and r['violations']) for r in rows)} |")
+    for variant in report.variants:
+        rows = [r for r in report.rows if r["variant_id"] == variant["id"]]
+        seen = variant["seen_in"]
+        out += ["", f"### {variant['kernel'].rsplit('.', 1)[-1]}: {variant['label']}", "",
+                f"Launched by {len(seen)} scenario runs, e.g. {'; '.join(seen[:3])}. "
+                f"Kept: {', '.join(variant['kept']) or 'none'}.", "",
+                "| config | kept | regs | stack | LDL/STL | smem KB | MMA | loads | loop | CTA/SM | verdict |",
+                "|---|:-:|---:|---:|---:|---:|---|---|---:|---:|---|"]
+        for r in rows:
+            if r["error"]:
+                out.append(f"| {r['config']} | {'yes' if r['kept'] else 'no'} | | | | | | | | | {r['error']} |")
+                continue
+            verdict = "; ".join(violations(r)) or "ok"
+            out.append(f"| {r['config']} | {'yes' if r['kept'] else 'no'} | {r['registers']} | {r['stack']} | "
+                       f"{r['local_loads']}/{r['local_stores']} | {r['shared'] / 1024:.0f} | {_matrix_label(r)} | "
+                       f"{_loads_label(r)} | {r['main_loop'] or '-'} | {r['ctas_per_sm']} | {verdict} |")
+    return "\n".join(out) + "\n"
