@@ -64,8 +64,8 @@ def main():
     job = sm90.specialise(fc1.kernel, fc1.args, fc1.kwargs, config)
     out["without_attrs"] = sm90.compile_job(sm90.Job(job.module, job.name, job.signature, job.constexprs, (),
                                                      job.options))
-    x = _meta(64, 64, dtype=torch.float32)
-    out["spilling"] = _row(_spilling, (x, x), dict(N=64, num_warps=1))
+    x = _meta(128, 128, dtype=torch.float32)
+    out["spilling"] = _row(_spilling, (x, x), dict(N=128, num_warps=1))
     a = _meta(64, 64)
     out["dot_w4"] = _row(_dot, (a, a, a), dict(N=64, num_warps=4))
     out["dot_w2"] = _row(_dot, (a, a, a), dict(N=64, num_warps=2))

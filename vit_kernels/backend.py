@@ -150,6 +150,8 @@ def kernel_op(name: str, fn: Optional[Callable] = None, *, schema: Optional[str]
         return triton_op(name, fn, mutates_args=(), schema=schema)
 
     def fake(*args, **kwargs):
+        if _recording.get() is not None:  # already recording (the compile report): keep the launches
+            return fn(*args, **kwargs)
         with record_launches():
             return fn(*args, **kwargs)
 

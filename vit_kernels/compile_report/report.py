@@ -270,7 +270,8 @@ def to_markdown(report: Report, command: str) -> str:
     out += ["", "## Cold start of the ViT-B/16 benchmark (bf16)", "",
             f"{c['autotune_keys']} autotune keys ({per_kernel}), "
             f"{c['configs_benchmarked']} configs benchmarked, {c['compilations']} distinct compilations: "
-            f"about {c['estimated_minutes']} min of compiling at this machine's rate in one process.", ""]
+            f"about {c['estimated_minutes']} min of compiling in one process at this run's mean compile time "
+            f"({report.meta['mean_compile_seconds']} s; lower when Triton's cache already held some).", ""]
     out += ["## Summary", "", "| kernel | variants | configs | kept rows | pruned rows | violations |",
             "|---|---:|---:|---:|---:|---:|"]
     for kernel in sorted({v["kernel"] for v in report.variants}):
