@@ -11,7 +11,6 @@ in ``ops/patch_embed.py`` and only reads the backend chosen here.
 from __future__ import annotations
 
 import contextlib
-import contextvars
 import dataclasses
 import importlib.util
 import os
@@ -86,7 +85,9 @@ class Launch:
     kwargs: dict
 
 
-_recording: contextvars.ContextVar[Optional[list]] = contextvars.ContextVar("vit_kernels_recording", default=None)
+# The open recordings, innermost last: a plain list, since torch 2.11's dynamo cannot trace a
+# ContextVar read (kernel_choice runs inside every compiled op).
+_recordings: list[list[Launch]] = []
 
 
 @contextlib.contextmanager
@@ -96,11 +97,11 @@ def record_launches() -> Iterator[list[Launch]]:
     compile report learns what the host code launches, and how an op's fake implementation
     runs the body without launching."""
     launches: list[Launch] = []
-    token = _recording.set(launches)
+    _recordings.append(launches)
     try:
         yield launches
     finally:
-        _recording.reset(token)
+        _recordings.pop()
 
 
 class _Recorder:
@@ -119,9 +120,8 @@ def launcher(kernel):
     torch.library's ``wrap_triton``, so that torch.compile sees the launch; the kernel itself
     when it runs in the interpreter (nothing compiled to trace there, and torch 2.11's
     ``wrap_triton`` refuses an interpreted kernel); a recorder inside ``record_launches``."""
-    recording = _recording.get()
-    if recording is not None:
-        return _Recorder(kernel, recording)
+    if _recordings:
+        return _Recorder(kernel, _recordings[-1])
     from torch.library import wrap_triton
     from triton.runtime.interpreter import InterpretedFunction
     from triton.runtime.jit import JITFunction
@@ -150,7 +150,7 @@ def kernel_op(name: str, fn: Optional[Callable] = None, *, schema: Optional[str]
         return triton_op(name, fn, mutates_args=(), schema=schema)
 
     def fake(*args, **kwargs):
-        if _recording.get() is not None:  # already recording (the compile report): keep the launches
+        if _recordings:  # already recording (the compile report): keep the launches
             return fn(*args, **kwargs)
         with record_launches():
             return fn(*args, **kwargs)
@@ -165,7 +165,7 @@ def kernel_choice(device: torch.device | str) -> tuple[str, str]:
     device = torch.device(device)
     if _current == "torch":
         return "torch", "backend 'torch' selected"
-    if _recording.get() is not None:
+    if _recordings:
         return "triton", "launches recorded, not run (compile report)"
     if not triton_installed():
         reason = "triton is not installed"

@@ -59,8 +59,8 @@ def _check_dtypes(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Te
 def _autocast(*tensors: Optional[torch.Tensor]) -> tuple[Optional[torch.Tensor], ...]:
     """Cast to the autocast dtype as nn.Linear would: floating tensors other than float64."""
     device_type = tensors[0].device.type
-    # is_autocast_enabled raises for device types with no autocast (meta).
-    if not torch.amp.is_autocast_available(device_type) or not torch.is_autocast_enabled(device_type):
+    # is_autocast_enabled raises for the meta device (the compile report's), which has no autocast.
+    if device_type == "meta" or not torch.is_autocast_enabled(device_type):
         return tensors
     dtype = torch.get_autocast_dtype(device_type)
     return tuple(t.to(dtype) if t is not None and t.is_floating_point() and t.dtype != torch.float64 else t
