@@ -96,10 +96,7 @@ def collect_variants(recorded: list[launches.Recorded]) -> dict[tuple, Variant]:
 def _compile_all(jobs: list[sm90.Job], workers: int) -> dict[tuple, dict]:
     results: dict[tuple, dict] = {}
     if workers <= 1:
-        for job in jobs:
-            start = time.perf_counter()
-            results[job.key()] = {**sm90.compile_job(job), "seconds": time.perf_counter() - start}
-        return results
+        return {job.key(): _timed_compile(job) for job in jobs}
     # spawn: a forked copy of a process holding torch's threads can deadlock.
     with concurrent.futures.ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
         futures = {pool.submit(_timed_compile, job): job for job in jobs}
