@@ -66,6 +66,12 @@ def _precision(precision: Precision) -> Iterator[None]:
         torch.set_float32_matmul_precision(previous)
 
 
+def _backward(output: torch.Tensor) -> None:
+    # A dense gradient, as a loss gives; ``output.sum().backward()`` would send an expanded
+    # (stride 0) one, which no training step does and which specialises differently.
+    output.backward(torch.empty_like(output))
+
+
 def _model_run(name: str, mode: str, batch: int, **overrides) -> Callable[[torch.dtype], None]:
     def run(dtype: torch.dtype) -> None:
         with META:
@@ -73,7 +79,7 @@ def _model_run(name: str, mode: str, batch: int, **overrides) -> Callable[[torch
         images = torch.empty(batch, 3, *model.patch_embed.img_size, device=META, dtype=dtype)
         if mode == "train":
             model.train()
-            model(images).float().sum().backward()
+            _backward(model(images))
         else:
             model.eval()
             with torch.no_grad():
@@ -118,14 +124,14 @@ def _linear_gelu_recompute(dtype: torch.dtype) -> None:
     x = torch.empty(TRAIN_BATCH * 197, 768, device=META, dtype=dtype, requires_grad=True)
     w = torch.empty(3072, 768, device=META, dtype=dtype, requires_grad=True)
     b = torch.empty(3072, device=META, dtype=dtype, requires_grad=True)
-    ops.linear_gelu(x, w, b, recompute=True).sum().backward()
+    _backward(ops.linear_gelu(x, w, b, recompute=True))
 
 
 def _attention_bhnd(dtype: torch.dtype) -> None:
     """``vk.ops.attention`` on (B, H, N, D) tensors laid out as SDPA users hold them."""
     q, k, v = (torch.empty(TRAIN_BATCH, 12, 197, 64, device=META, dtype=dtype, requires_grad=True)
                for _ in range(3))
-    ops.attention(q, k, v).sum().backward()
+    _backward(ops.attention(q, k, v))
 
 
 def _ops() -> list[Scenario]:

@@ -103,24 +103,33 @@ def _normalise_chunk(Y, W, B, h, mean, rstd, y_rows, cols, mask, width,
 @triton.jit
 def _add_layer_norm_fwd(X, R, G, S, W, B, Y, NR, Mean, Rstd,
                         rows, width, rows_per_sample, eps,
-                        stride_xm, stride_xn, stride_rm, stride_rn, stride_ym, stride_nrm,
+                        stride_xm, stride_xn, stride_rm, stride_rn,
                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                         HAS_RESIDUAL: tl.constexpr, HAS_GAMMA: tl.constexpr, HAS_ROW_SCALE: tl.constexpr,
                         HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, STORE_RESIDUAL: tl.constexpr):
     """Program ``pid`` owns rows [pid * BLOCK_M, (pid + 1) * BLOCK_M) of every (rows, C) tensor.
 
     X, R: (rows, C) any strides; G, W, B: (C,); S: (rows // rows_per_sample,);
-    Y (x's dtype), NR (new_residual's dtype): (rows, C), unit column stride; Mean, Rstd: (rows,) fp32.
+    Y (x's dtype), NR (new_residual's dtype): (rows, C) contiguous; Mean, Rstd: (rows,) fp32.
     Without STORE_RESIDUAL, NR is X itself (new_residual = x) and only its dtype is used.
     """
+    # The program's first row goes into the base pointers (scalars) and Y and NR share one row
+    # offset: each thread holds every row of its tile, so each per-row offset vector costs
+    # 2 * BLOCK_M registers. With one vector per tensor of absolute rows, ptxas held this
+    # kernel to 64 registers by spilling (sm_90 compile report, triton 3.6 and 3.8).
     pid = tl.program_id(0)
-    row = pid.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
-    row_ok = row < rows
+    first = pid.to(tl.int64) * BLOCK_M
+    X += first * stride_xm
+    R += first * stride_rm
+    Y += first * width
+    NR += first * width
+    local = tl.arange(0, BLOCK_M).to(tl.int64)
+    row = first + local
+    row_ok = local < rows - first
     cols = tl.arange(0, BLOCK_N)
-    x_rows = row * stride_xm
-    r_rows = row * stride_rm
-    y_rows = row * stride_ym
-    nr_rows = row * stride_nrm
+    x_rows = local * stride_xm
+    r_rows = local * stride_rm
+    out_rows = local * width
     s = 1.0
     if HAS_ROW_SCALE:
         s = tl.load(S + row // rows_per_sample, mask=row_ok, other=0.0).to(tl.float32)
@@ -131,7 +140,7 @@ def _add_layer_norm_fwd(X, R, G, S, W, B, Y, NR, Mean, Rstd,
     h0 = _residual_chunk(X, R, G, s, x_rows, r_rows, cols, mask0, stride_xn, stride_rn, width,
                          HAS_RESIDUAL, HAS_GAMMA, HAS_ROW_SCALE, NR.dtype.element_ty)
     if STORE_RESIDUAL:
-        tl.store(NR + nr_rows[:, None] + cols[None, :], h0.to(NR.dtype.element_ty), mask=mask0)
+        tl.store(NR + out_rows[:, None] + cols[None, :], h0.to(NR.dtype.element_ty), mask=mask0)
     count = tl.minimum(width, BLOCK_N).to(tl.float32)
     mean = tl.sum(h0, axis=1) / count
     centred = tl.where(mask0, h0 - mean[:, None], 0.0)
@@ -142,7 +151,7 @@ def _add_layer_norm_fwd(X, R, G, S, W, B, Y, NR, Mean, Rstd,
         h = _residual_chunk(X, R, G, s, x_rows, r_rows, c, mask, stride_xn, stride_rn, width,
                             HAS_RESIDUAL, HAS_GAMMA, HAS_ROW_SCALE, NR.dtype.element_ty)
         if STORE_RESIDUAL:
-            tl.store(NR + nr_rows[:, None] + c[None, :], h.to(NR.dtype.element_ty), mask=mask)
+            tl.store(NR + out_rows[:, None] + c[None, :], h.to(NR.dtype.element_ty), mask=mask)
         n_c = tl.minimum(width - start, BLOCK_N).to(tl.float32)
         mean_c = tl.sum(h, axis=1) / n_c
         centred = tl.where(mask, h - mean_c[:, None], 0.0)
@@ -157,13 +166,13 @@ def _add_layer_norm_fwd(X, R, G, S, W, B, Y, NR, Mean, Rstd,
     tl.store(Rstd + row, rstd, mask=row_ok)
 
     # Pass 2: normalise. Later chunks are recomputed from x and residual (cache-resident).
-    _normalise_chunk(Y, W, B, h0, mean, rstd, y_rows, cols, mask0, width, HAS_WEIGHT, HAS_BIAS)
+    _normalise_chunk(Y, W, B, h0, mean, rstd, out_rows, cols, mask0, width, HAS_WEIGHT, HAS_BIAS)
     for start in range(BLOCK_N, width, BLOCK_N):
         c = start + cols
         mask = row_ok[:, None] & (c < width)[None, :]
         h = _residual_chunk(X, R, G, s, x_rows, r_rows, c, mask, stride_xn, stride_rn, width,
                             HAS_RESIDUAL, HAS_GAMMA, HAS_ROW_SCALE, NR.dtype.element_ty)
-        _normalise_chunk(Y, W, B, h, mean, rstd, y_rows, c, mask, width, HAS_WEIGHT, HAS_BIAS)
+        _normalise_chunk(Y, W, B, h, mean, rstd, out_rows, c, mask, width, HAS_WEIGHT, HAS_BIAS)
 
 
 @triton.jit

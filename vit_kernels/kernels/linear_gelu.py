@@ -214,7 +214,7 @@ def _per_thread(config: triton.Config, rows: int, cols: int) -> int:
 
 def prune_gemm_configs(configs, named_args, **flags):
     """The configs that compile without spilling for this launch's flags (the sm_90 compile
-    report, bf16, triton 3.6: benchmarks/results/static/).
+    report, bf16, triton 3.6 and 3.8: benchmarks/results/static/).
 
     The activation epilogues (erf, tanh, sigmoid on the whole accumulator) need the
     accumulator at no more than 64 fp32 values per thread: the 128-value tiles spilled 72 to

@@ -64,7 +64,7 @@ def _fwd(x: Tensor, residual: Optional[Tensor], weight: Optional[Tensor], bias: 
         backend.launcher(_add_layer_norm_fwd)[(triton.cdiv(rows, block_m),)](
             x2, r2, gamma, row_scale, weight, bias, normed, nr2, mean, rstd,
             rows, width, _rows_per_sample(x), eps,
-            x2.stride(0), x2.stride(1), r2.stride(0), r2.stride(1), width, nr2.stride(0),
+            x2.stride(0), x2.stride(1), r2.stride(0), r2.stride(1),
             BLOCK_M=block_m, BLOCK_N=block_n, HAS_RESIDUAL=residual is not None, HAS_GAMMA=gamma is not None,
             HAS_ROW_SCALE=row_scale is not None, HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None,
             STORE_RESIDUAL=store_residual, num_warps=num_warps)
