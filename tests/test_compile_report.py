@@ -150,10 +150,10 @@ def test_cli_check_and_json(tmp_path):
     data = json.loads(out.read_text())
     assert data["failures"] == [] and data["rows"]
     assert {r["kernel"] for r in data["rows"]} == {"vit_kernels.kernels.attention._attention_bwd_delta"}
-    # Head dims 64 and 80, from real scenarios; bf16 only, since float32 attention runs SDPA
-    # outside the interpreter (backend.float32_dots_on_kernels).
+    # Head dims 64 and 80, from real scenarios; bf16 and fp16 only, since float32 attention runs
+    # SDPA outside the interpreter (backend.float32_dots_on_kernels).
     labels = {v["label"].split(" | ")[0] for v in data["variants"]}
     assert any("HEAD_DIM=80" in label for label in labels) and any("HEAD_DIM=64" in label for label in labels)
-    assert all(label.startswith("bf16") for label in labels), labels
+    assert {label.split()[0] for label in labels} == {"bf16", "fp16"}, labels
     assert data["cold_start"]["compilations"] > 0
     assert "## Gate" in (tmp_path / "report.md").read_text()

@@ -121,8 +121,9 @@ def main(argv=None) -> int:
         "compile-report", help="compile every Triton kernel for sm_90 (no GPU needed) and report "
                                "registers, spills, shared memory, tensor-core use",
         description="Every kernel x launch variant the host code makes x autotune config, compiled for sm_90 "
-                    "exactly as a launch on an H100 would specialise it. The gate (default) covers bf16 and "
-                    "float32 and the configs the autotuner may pick; --full adds float16 and the pruned configs.")
+                    "exactly as a launch on an H100 would specialise it. The gate (default) covers bf16, "
+                    "float16 and float32 and the configs the autotuner may pick; --full adds float32 with TF32 "
+                    "and the pruned configs.")
     report_parser.add_argument("--full", action="store_true", help="every precision and every config")
     report_parser.add_argument("--json", metavar="PATH", help="write every row as JSON")
     report_parser.add_argument("--markdown", metavar="PATH", help="write the tables here instead of stdout")

@@ -106,12 +106,15 @@ def _add_layer_norm_fwd(X, R, G, S, W, B, Y, NR, Mean, Rstd,
                         stride_xm, stride_xn, stride_rm, stride_rn,
                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                         HAS_RESIDUAL: tl.constexpr, HAS_GAMMA: tl.constexpr, HAS_ROW_SCALE: tl.constexpr,
-                        HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, STORE_RESIDUAL: tl.constexpr):
+                        HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, STORE_RESIDUAL: tl.constexpr,
+                        ONE_CHUNK: tl.constexpr):
     """Program ``pid`` owns rows [pid * BLOCK_M, (pid + 1) * BLOCK_M) of every (rows, C) tensor.
 
     X, R: (rows, C) any strides; G, W, B: (C,); S: (rows // rows_per_sample,);
     Y (x's dtype), NR (new_residual's dtype): (rows, C) contiguous; Mean, Rstd: (rows,) fp32.
     Without STORE_RESIDUAL, NR is X itself (new_residual = x) and only its dtype is used.
+    ONE_CHUNK (width <= BLOCK_N) compiles without the chunk loops: never run for such rows, they
+    still cost registers (ptxas spilled the 1024-wide fp16 forward at 64 with them).
     """
     # The program's first row goes into the base pointers (scalars) and Y and NR share one row
     # offset: each thread holds every row of its tile, so each per-row offset vector costs
@@ -145,34 +148,36 @@ def _add_layer_norm_fwd(X, R, G, S, W, B, Y, NR, Mean, Rstd,
     mean = tl.sum(h0, axis=1) / count
     centred = tl.where(mask0, h0 - mean[:, None], 0.0)
     m2 = tl.sum(centred * centred, axis=1)
-    for start in range(BLOCK_N, width, BLOCK_N):
-        c = start + cols
-        mask = row_ok[:, None] & (c < width)[None, :]
-        h = _residual_chunk(X, R, G, s, x_rows, r_rows, c, mask, stride_xn, stride_rn, width,
-                            HAS_RESIDUAL, HAS_GAMMA, HAS_ROW_SCALE, NR.dtype.element_ty)
-        if STORE_RESIDUAL:
-            tl.store(NR + out_rows[:, None] + c[None, :], h.to(NR.dtype.element_ty), mask=mask)
-        n_c = tl.minimum(width - start, BLOCK_N).to(tl.float32)
-        mean_c = tl.sum(h, axis=1) / n_c
-        centred = tl.where(mask, h - mean_c[:, None], 0.0)
-        # Chan et al.: merge (count, mean, m2) with the chunk's (n_c, mean_c, m2_c).
-        total = count + n_c
-        delta = mean_c - mean
-        mean += delta * (n_c / total)
-        m2 += tl.sum(centred * centred, axis=1) + delta * delta * (count * n_c / total)
-        count = total
+    if not ONE_CHUNK:
+        for start in range(BLOCK_N, width, BLOCK_N):
+            c = start + cols
+            mask = row_ok[:, None] & (c < width)[None, :]
+            h = _residual_chunk(X, R, G, s, x_rows, r_rows, c, mask, stride_xn, stride_rn, width,
+                                HAS_RESIDUAL, HAS_GAMMA, HAS_ROW_SCALE, NR.dtype.element_ty)
+            if STORE_RESIDUAL:
+                tl.store(NR + out_rows[:, None] + c[None, :], h.to(NR.dtype.element_ty), mask=mask)
+            n_c = tl.minimum(width - start, BLOCK_N).to(tl.float32)
+            mean_c = tl.sum(h, axis=1) / n_c
+            centred = tl.where(mask, h - mean_c[:, None], 0.0)
+            # Chan et al.: merge (count, mean, m2) with the chunk's (n_c, mean_c, m2_c).
+            total = count + n_c
+            delta = mean_c - mean
+            mean += delta * (n_c / total)
+            m2 += tl.sum(centred * centred, axis=1) + delta * delta * (count * n_c / total)
+            count = total
     rstd = 1.0 / tl.sqrt(m2 / width + eps)
     tl.store(Mean + row, mean, mask=row_ok)
     tl.store(Rstd + row, rstd, mask=row_ok)
 
     # Pass 2: normalise. Later chunks are recomputed from x and residual (cache-resident).
     _normalise_chunk(Y, W, B, h0, mean, rstd, out_rows, cols, mask0, width, HAS_WEIGHT, HAS_BIAS)
-    for start in range(BLOCK_N, width, BLOCK_N):
-        c = start + cols
-        mask = row_ok[:, None] & (c < width)[None, :]
-        h = _residual_chunk(X, R, G, s, x_rows, r_rows, c, mask, stride_xn, stride_rn, width,
-                            HAS_RESIDUAL, HAS_GAMMA, HAS_ROW_SCALE, NR.dtype.element_ty)
-        _normalise_chunk(Y, W, B, h, mean, rstd, out_rows, c, mask, width, HAS_WEIGHT, HAS_BIAS)
+    if not ONE_CHUNK:
+        for start in range(BLOCK_N, width, BLOCK_N):
+            c = start + cols
+            mask = row_ok[:, None] & (c < width)[None, :]
+            h = _residual_chunk(X, R, G, s, x_rows, r_rows, c, mask, stride_xn, stride_rn, width,
+                                HAS_RESIDUAL, HAS_GAMMA, HAS_ROW_SCALE, NR.dtype.element_ty)
+            _normalise_chunk(Y, W, B, h, mean, rstd, out_rows, c, mask, width, HAS_WEIGHT, HAS_BIAS)
 
 
 @triton.jit

@@ -36,6 +36,7 @@ Dropout: the keep mask is a pure function of (seed, batch * head, i, j) through 
 """
 from __future__ import annotations
 
+import torch
 import triton
 import triton.language as tl
 
@@ -106,10 +107,15 @@ def _prune(kernel: str):
             elif kernel == "dkdv":
                 if wide:
                     keep = tile == (128, 64, 8, 1)
+                elif heavy:
+                    # At the 255-register limit in every tile: only 128 x 64 fits, and which
+                    # pipelining depth fits depends on the dtype (bf16 spilled 8 bytes unpipelined
+                    # on triton 3.8 and in 2 stages on 3.6; fp16 8 to 104 in 2 or 3 stages).
+                    keep = tile == ((128, 64, 8, 3) if named_args["Q"].dtype == torch.bfloat16
+                                    else (128, 64, 8, 1))
                 elif flags["DROPOUT"]:
-                    # 64 x 64 spilled 8 to 168 bytes (8 to 16 with dropout alone on triton 3.8);
-                    # with qk-norm too, 128 x 64 in 2 stages spilled 8.
-                    keep = tile[:3] == (128, 64, 8) and stages > (2 if heavy else 1)
+                    # 64 x 64 spilled 8 to 16 bytes on triton 3.8.
+                    keep = tile[:3] == (128, 64, 8) and stages > 1
                 else:
                     keep = n <= 64 and stages > 1     # 128 keys per block spilled 32 to 1,576 bytes
             else:

@@ -67,7 +67,7 @@ def _fwd(x: Tensor, residual: Optional[Tensor], weight: Optional[Tensor], bias: 
             x2.stride(0), x2.stride(1), r2.stride(0), r2.stride(1),
             BLOCK_M=block_m, BLOCK_N=block_n, HAS_RESIDUAL=residual is not None, HAS_GAMMA=gamma is not None,
             HAS_ROW_SCALE=row_scale is not None, HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None,
-            STORE_RESIDUAL=store_residual, num_warps=num_warps)
+            STORE_RESIDUAL=store_residual, ONE_CHUNK=width <= block_n, num_warps=num_warps)
     return normed, new_residual, mean, rstd
 
 
