@@ -264,8 +264,12 @@ def test_bad_inputs():
             vk.ops.qkv_attention(torch.randn(1, 17, 48, device=DEVICE), num_heads=2)
         with pytest.raises(ValueError, match="head_dim is 256"):
             vk.ops.attention(*torch.randn(3, 1, 1, 4, 256, device=DEVICE))
-        with pytest.raises(ValueError, match="q has dtype torch.float64"):
-            vk.ops.attention(q.double(), q.double(), q.double())
+        with pytest.raises(ValueError, match="q must be a floating-point tensor"):
+            vk.ops.attention(*[q.to(torch.int32)] * 3)
+        with pytest.raises(ValueError, match="head dim .* must be >= 1; got 0"):
+            vk.ops.attention(*torch.randn(3, 1, 1, 4, 0, device=DEVICE))
+        with pytest.raises(ValueError, match="num_heads must be >= 1"):
+            vk.ops.qkv_attention(torch.randn(1, 17, 48, device=DEVICE), num_heads=0)
         with pytest.raises(ValueError, match="dropout_p must be in"):
             vk.ops.attention(q, q, q, dropout_p=1.0)
         with pytest.raises(ValueError, match="expects q's 17"):
@@ -274,6 +278,7 @@ def test_bad_inputs():
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="CPU tensors without the interpreter")
 def test_triton_backend_on_cpu_needs_interpreter(monkeypatch):
+    monkeypatch.setattr(vk.backend, "_INTERPRETER", False)
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     q = torch.randn(1, 1, 4, 32)
     with vk.use_backend("triton"), pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):

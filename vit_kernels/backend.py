@@ -2,8 +2,14 @@
 
 ``auto`` (the default) runs the kernels on CUDA tensors and the reference elsewhere;
 ``triton`` runs the kernels everywhere, which on a CPU needs the Triton interpreter
-(``TRITON_INTERPRET=1`` set before ``triton`` is imported); ``torch`` runs the reference
+(``TRITON_INTERPRET=1`` set before ``vit_kernels`` is imported); ``torch`` runs the reference
 everywhere. The environment variable ``VIT_KERNELS_BACKEND`` sets the default.
+
+``set_backend`` changes the process-wide default; ``use_backend`` overrides it for the thread
+that enters the block (threads started inside do not inherit it), so one thread's override
+never changes what another runs. A thread-local and not a ContextVar: torch 2.11's dynamo
+cannot trace ``ContextVar.get`` (a graph break in every op), and it guards on a thread-local's
+attribute like on a global, so a compiled model recompiles when the choice changes.
 
 The patch-embed op has a third implementation, the C++/CUDA extension: its dispatch lives
 in ``ops/patch_embed.py`` and only reads the backend chosen here.
@@ -14,12 +20,16 @@ import contextlib
 import dataclasses
 import importlib.util
 import os
+import threading
 from typing import Any, Callable, Iterator, Optional
 
 import torch
 
 BACKENDS = ("auto", "triton", "torch")
 ENV_VAR = "VIT_KERNELS_BACKEND"
+# The dtypes the kernels take. Every op runs float64 (and float32 dots on a GPU, see
+# float32_dots_on_kernels) in the PyTorch reference, whatever the backend.
+KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
 def _checked(name: str) -> str:
@@ -28,32 +38,58 @@ def _checked(name: str) -> str:
     return name
 
 
-_current = _checked(os.environ.get(ENV_VAR, "auto"))
+def _from_environment() -> str:
+    name = os.environ.get(ENV_VAR, "auto")
+    if name not in BACKENDS:
+        raise ValueError(f"environment variable {ENV_VAR}={name!r}: expected one of {BACKENDS} "
+                         f"(or leave it unset for 'auto')")
+    return name
+
+
+_default = _from_environment()
+_overrides = threading.local()  # .backend: the innermost use_backend of this thread, or None
 
 
 def get_backend() -> str:
-    return _current
+    """The backend ops run with in this thread: its ``use_backend`` override, else the default."""
+    return getattr(_overrides, "backend", None) or _default
 
 
 def set_backend(name: str) -> None:
-    """Choose the implementation for every op from now on: "auto", "triton" or "torch"."""
-    global _current
-    _current = _checked(name)
+    """Choose the process-wide default implementation: "auto", "triton" or "torch"."""
+    global _default
+    _default = _checked(name)
 
 
 @contextlib.contextmanager
 def use_backend(name: str) -> Iterator[None]:
-    """Run the enclosed code with another backend, then restore the previous one."""
-    global _current
-    previous, _current = _current, _checked(name)
+    """Run the enclosed code, in this thread, with another backend; then restore the previous one."""
+    previous = getattr(_overrides, "backend", None)
+    _overrides.backend = _checked(name)
     try:
         yield
     finally:
-        _current = previous
+        _overrides.backend = previous
+
+
+# Triton reads TRITON_INTERPRET when a kernel is defined, i.e. when vit_kernels is imported:
+# read it once, here, so that every decision agrees with the kernels that exist.
+_INTERPRETER = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 def interpreter_enabled() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+    """Whether the kernels run in the Triton interpreter (TRITON_INTERPRET=1 at import)."""
+    return _INTERPRETER
+
+
+def refuse_bfloat16_dots(op: str, dtype: torch.dtype) -> None:
+    """Raise for a bfloat16 kernel whose dots would run in the interpreter, which computes them
+    wrongly (results around 1e10, triton 3.6 and 3.8) instead of returning garbage."""
+    if dtype == torch.bfloat16 and _INTERPRETER:
+        raise RuntimeError(
+            f"{op}: bfloat16 on the Triton interpreter (TRITON_INTERPRET=1) is not supported: the "
+            "interpreter does not compute bfloat16 dot products correctly. Use float16 or float32 there, "
+            "or the PyTorch reference (vk.use_backend('torch'))")
 
 
 def float32_dots_on_kernels() -> bool:
@@ -160,28 +196,42 @@ def kernel_op(name: str, fn: Optional[Callable] = None, *, schema: Optional[str]
     return op
 
 
+def refuse_double_backward(op: str) -> None:
+    """Raise in a kernel op's backward when autograd is recording it (``create_graph=True``):
+    the backward kernels have no derivatives of their own, and an untracked result would be a
+    silently wrong second derivative."""
+    if torch.is_grad_enabled():
+        raise RuntimeError(
+            f"vit_kernels.ops.{op}: double backward (create_graph=True, e.g. a gradient penalty) is not "
+            "supported by the kernels; run that computation under vk.use_backend('torch')")
+
+
 def kernel_choice(device: torch.device | str) -> tuple[str, str]:
     """("triton" | "torch", why) for a tensor on ``device`` under the current backend."""
     device = torch.device(device)
-    if _current == "torch":
+    current = get_backend()
+    if current == "torch":
         return "torch", "backend 'torch' selected"
     if _recordings:
         return "triton", "launches recorded, not run (compile report)"
     if not triton_installed():
         reason = "triton is not installed"
-        if _current == "triton":
+        if current == "triton":
             raise RuntimeError(f"backend 'triton' selected but {reason}")
         return "torch", reason
     if device.type == "cuda":
-        return "triton", f"backend {_current!r} on a CUDA tensor"
-    if _current == "auto":
+        return "triton", f"backend {current!r} on a CUDA tensor"
+    if current == "auto":
         return "torch", f"backend 'auto' on a {device.type} tensor (the kernels need CUDA)"
-    if interpreter_enabled():
+    if _INTERPRETER:
         return "triton", "backend 'triton' through the Triton interpreter (TRITON_INTERPRET=1)"
+    late = os.environ.get("TRITON_INTERPRET", "0") == "1"
     raise RuntimeError(
         f"backend 'triton' selected for a {device.type} tensor, but the kernels need a CUDA tensor "
-        "or the Triton interpreter: set TRITON_INTERPRET=1 before importing vit_kernels"
-    )
+        "or the Triton interpreter: " + (
+            "TRITON_INTERPRET=1 was set after vit_kernels was imported, when the kernels had already been "
+            "defined for a GPU; set it before the import (in the shell, or before `import vit_kernels`)"
+            if late else "set TRITON_INTERPRET=1 before importing vit_kernels"))
 
 
 def use_triton(tensor: torch.Tensor) -> bool:

@@ -25,7 +25,7 @@ log = logging.getLogger(__name__)
 
 _ORIGINALS = "_vit_kernels_originals"
 REPORT_ATTR = "vit_kernels_report"
-KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
 _HOOK_DICTS = ("_forward_hooks", "_forward_hooks_with_kwargs", "_forward_hooks_always_called",
                "_forward_pre_hooks", "_forward_pre_hooks_with_kwargs", "_backward_hooks",
                "_backward_pre_hooks", "_state_dict_hooks", "_state_dict_pre_hooks",
@@ -183,9 +183,9 @@ def _check_servable(model: nn.Module) -> None:
         raise RuntimeError(f"vit_kernels.optimize: the kernels cannot serve a model on {device}: {error}. "
                            "The model was left unchanged.") from None
     dtypes = {t.dtype for t in tensors if t.is_floating_point()}
-    if impl == "triton" and not dtypes <= set(KERNEL_DTYPES):
-        bad = sorted(map(str, dtypes - set(KERNEL_DTYPES)))
-        raise RuntimeError(f"vit_kernels.optimize: the Triton kernels ({why}) serve {[str(d) for d in KERNEL_DTYPES]} "
+    if impl == "triton" and not dtypes <= set(backend.KERNEL_DTYPES):
+        bad = sorted(map(str, dtypes - set(backend.KERNEL_DTYPES)))
+        raise RuntimeError(f"vit_kernels.optimize: the Triton kernels ({why}) serve {[str(d) for d in backend.KERNEL_DTYPES]} "
                            f"parameters; this model has {bad}. Cast it (or use vk.use_backend('torch')) first. "
                            "The model was left unchanged.")
 

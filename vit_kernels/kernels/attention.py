@@ -29,7 +29,10 @@ xhat = (x - mean) * rstd. Its backward, with dy the gradient w.r.t. the normalis
     g = dy * w ;  c1 = mean_d(xhat * g) ;  c2 = mean_d(g)
     dx = rstd * (g - xhat * c1 - c2) ;  dw = sum_rows dy * xhat ;  db = sum_rows dy
 dw and db are written per (batch * head, row block) into float32 partial buffers of
-``partial_slots(N)`` slots, which the host sums (deterministically).
+``partial_slots(N)`` slots of SLOT_ROWS rows, which the host sums (deterministically). A block
+of BLOCK rows covers BLOCK / SLOT_ROWS slots: it writes its sums into the first and zeros into
+the others, so every config writes every slot and none keeps a sum from an earlier launch (the
+autotuner runs every config on the same buffers).
 
 Dropout: the keep mask is a pure function of (seed, batch * head, i, j) through Philox
 (``tl.rand`` on the 64-bit element index), so the backward regenerates it whatever the tiles.
@@ -43,9 +46,9 @@ import triton.language as tl
 from .. import backend
 
 MIN_HEAD_DIM, MAX_HEAD_DIM = 16, 128
-# The smallest row block of any config: the qk-norm partial buffers have one slot per block of
-# this size, so every config's blocks find their slot (unused slots stay zero).
-MIN_BLOCK = 32
+# Rows per slot of the qk-norm partial buffers: the smallest backward block, which every
+# backward block is a multiple of.
+SLOT_ROWS = 64
 # Rows per program of the delta preprocess: a pure row-wise reduction, no tuning needed.
 DELTA_BLOCK_M = 64
 
@@ -59,7 +62,7 @@ def head_dim_block(head_dim: int) -> int:
 
 
 def partial_slots(n: int) -> int:
-    return triton.cdiv(n, MIN_BLOCK)
+    return triton.cdiv(n, SLOT_ROWS)
 
 
 def _configs(stage: str) -> list:
@@ -165,6 +168,23 @@ def _layer_norm_rows_bwd(dy, xhat, rstd, rows_valid, W, B_PART, offs_d, d_valid,
     c1 = tl.sum(xhat * g, axis=1) / HEAD_DIM
     c2 = tl.sum(g, axis=1) / HEAD_DIM
     return rstd[:, None] * (g - xhat * c1[:, None] - c2[:, None])
+
+
+@triton.jit
+def _zero_trailing_slots(PART, block, num_slots, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+                         BLOCK: tl.constexpr, SLOT_ROWS: tl.constexpr):
+    """Zeros in the slots after the first of row block ``block`` (see the module docstring).
+
+    PART points at the (batch * head)'s first slot. Called before the main loop, where nothing
+    else is live, so the stores cost no registers."""
+    tl.static_assert(BLOCK % SLOT_ROWS == 0)
+    offs = tl.arange(0, BLOCK_D)
+    zeros = tl.zeros([BLOCK_D], tl.float32)
+    for r in tl.static_range(1, BLOCK // SLOT_ROWS):
+        slot = block * (BLOCK // SLOT_ROWS) + r
+        ok = (offs < HEAD_DIM) & (slot < num_slots)
+        tl.store(PART + slot * 2 * HEAD_DIM + offs, zeros, mask=ok)
+        tl.store(PART + slot * 2 * HEAD_DIM + HEAD_DIM + offs, zeros, mask=ok)
 
 
 @triton.jit
@@ -289,11 +309,12 @@ def _attention_bwd_dkdv(
     H, N, num_slots, scale, qk_scale, q_eps, k_eps, dropout_p,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, Q_NORM: tl.constexpr, K_NORM: tl.constexpr,
     DROPOUT: tl.constexpr, INPUT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    SLOT_ROWS: tl.constexpr,
 ):
     """dk, dv of key rows [pid_n * BLOCK_N, +BLOCK_N) of head pid_bh, looping over all queries.
 
     With K_NORM, dk is taken through the LayerNorm and this block's (dw, db) of the k-norm go to
-    KW_PART[pid_bh, pid_n] (float32, shape (B*H, num_slots, 2, HEAD_DIM)).
+    KW_PART[pid_bh, pid_n * BLOCK_N // SLOT_ROWS] (float32, shape (B*H, num_slots, 2, HEAD_DIM)).
     """
     pid_bh = tl.program_id(0)
     pid_n = tl.program_id(1)
@@ -316,6 +337,9 @@ def _attention_bwd_dkdv(
     if DROPOUT:
         seed = tl.load(SEED)
 
+    if K_NORM:
+        KW_PART += pid_bh.to(tl.int64) * num_slots * 2 * HEAD_DIM
+        _zero_trailing_slots(KW_PART, pid_n, num_slots, HEAD_DIM, BLOCK_D, BLOCK_N, SLOT_ROWS)
     dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     for start_m in range(0, N, BLOCK_M):
@@ -344,7 +368,7 @@ def _attention_bwd_dkdv(
 
     dk *= scale
     if K_NORM:
-        part = KW_PART + (pid_bh.to(tl.int64) * num_slots + pid_n) * 2 * HEAD_DIM
+        part = KW_PART + pid_n * (BLOCK_N // SLOT_ROWS) * 2 * HEAD_DIM
         dk = _layer_norm_rows_bwd(dk, k_hat, k_rstd, n_valid, KW, part, offs_d, d_valid, HEAD_DIM)
     _store_rows(_head_base(DK, pid_bh, H, stride_dkb, stride_dkh), dk, offs_n, n_valid, stride_dkn, stride_dkd,
                 offs_d, d_valid)
@@ -364,11 +388,12 @@ def _attention_bwd_dq(
     H, N, num_slots, scale, qk_scale, q_eps, k_eps, dropout_p,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, Q_NORM: tl.constexpr, K_NORM: tl.constexpr,
     DROPOUT: tl.constexpr, INPUT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    SLOT_ROWS: tl.constexpr,
 ):
     """dq of query rows [pid_m * BLOCK_M, +BLOCK_M) of head pid_bh, looping over all keys.
 
     With Q_NORM, dq is taken through the LayerNorm and this block's (dw, db) of the q-norm go to
-    QW_PART[pid_bh, pid_m] (float32, shape (B*H, num_slots, 2, HEAD_DIM)).
+    QW_PART[pid_bh, pid_m * BLOCK_M // SLOT_ROWS] (float32, shape (B*H, num_slots, 2, HEAD_DIM)).
     """
     pid_bh = tl.program_id(0)
     pid_m = tl.program_id(1)
@@ -391,6 +416,9 @@ def _attention_bwd_dq(
     if DROPOUT:
         seed = tl.load(SEED)
 
+    if Q_NORM:
+        QW_PART += pid_bh.to(tl.int64) * num_slots * 2 * HEAD_DIM
+        _zero_trailing_slots(QW_PART, pid_m, num_slots, HEAD_DIM, BLOCK_D, BLOCK_M, SLOT_ROWS)
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     for start_n in range(0, N, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
@@ -410,7 +438,7 @@ def _attention_bwd_dq(
 
     dq *= scale
     if Q_NORM:
-        part = QW_PART + (pid_bh.to(tl.int64) * num_slots + pid_m) * 2 * HEAD_DIM
+        part = QW_PART + pid_m * (BLOCK_M // SLOT_ROWS) * 2 * HEAD_DIM
         dq = _layer_norm_rows_bwd(dq, q_hat, q_rstd, m_valid, QW, part, offs_d, d_valid, HEAD_DIM)
     _store_rows(_head_base(DQ, pid_bh, H, stride_dqb, stride_dqh), dq, offs_m, m_valid, stride_dqn, stride_dqd,
                 offs_d, d_valid)

@@ -22,8 +22,6 @@ try:
 except ImportError:  # no Triton on this platform: backend.kernel_choice then picks the reference
     triton = None
 
-_KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-
 
 def implementation(device: torch.device) -> tuple[str, str]:
     """Which implementation runs add_layer_norm on ``device``, and why."""
@@ -129,6 +127,7 @@ def _setup_context(ctx, inputs, output):
 
 
 def _backward(ctx, dnormed, dnew_residual, _dmean, _drstd):
+    backend.refuse_double_backward("add_layer_norm")
     h, x, weight, gamma, row_scale, mean, rstd = ctx.saved_tensors
     needs = ctx.needs_input_grad
     if not ctx.store_residual:
@@ -189,12 +188,15 @@ def add_layer_norm(x: Tensor, residual: Optional[Tensor], weight: Optional[Tenso
         raise ValueError(f"eps must be > 0; got {eps}")
     if residual_dtype is not None and not residual_dtype.is_floating_point:
         raise ValueError(f"residual_dtype must be a floating-point dtype; got {residual_dtype}")
-    if x.dtype not in _KERNEL_DTYPES or not backend.use_triton(x):
+    if x.dtype not in backend.KERNEL_DTYPES or not backend.use_triton(x):
         return reference.add_layer_norm(x, residual, weight, bias, eps, gamma, row_scale, residual_dtype)
     out_dtype = residual_dtype or (x.dtype if residual is None else torch.promote_types(x.dtype, residual.dtype))
-    if out_dtype not in _KERNEL_DTYPES:
+    if out_dtype not in backend.KERNEL_DTYPES:
         return reference.add_layer_norm(x, residual, weight, bias, eps, gamma, row_scale, residual_dtype)
     store = residual is not None or gamma is not None or row_scale is not None or out_dtype != x.dtype
+    # The kernels index the 1-D parameters as contiguous; a strided or expanded view is copied
+    # (C or B elements), and autograd takes the gradient back through the copy.
+    weight, bias, gamma, row_scale = (None if t is None else t.contiguous() for t in (weight, bias, gamma, row_scale))
     normed, new_residual, _, _ = torch.ops.vit_kernels.add_layer_norm_fwd(
         x, residual, weight, bias, gamma, row_scale, float(eps), out_dtype, store)
     return normed, new_residual if store else x

@@ -35,7 +35,6 @@ else:  # the ops below are only reached through the kernel path, which needs tri
 
 
 LOG2E = math.log2(math.e)
-KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
 def implementation(device: torch.device) -> tuple[str, str]:
@@ -78,12 +77,11 @@ def _launch_bwd(do, q, k, v, o, lse, dq, dk, dv, seed, scale, dropout_p, norms):
     backend.launcher(kernels._attention_bwd_delta)[(B * H, triton.cdiv(N, kernels.DELTA_BLOCK_M))](
         o, do, delta, *o.stride(), *do.stride(), H, N,
         HEAD_DIM=D, BLOCK_D=consts["BLOCK_D"], BLOCK_M=kernels.DELTA_BLOCK_M)
-    # One (dw, db) slot per row block; zero-filled because a config with blocks larger than
-    # kernels.MIN_BLOCK leaves the trailing slots unwritten.
+    # (dw, db) partial sums per slot of kernels.SLOT_ROWS rows; every config writes every slot.
     slots = kernels.partial_slots(N)
-    q_part = lse.new_zeros(B * H, slots, 2, D)
-    k_part = lse.new_zeros(B * H, slots, 2, D)
+    q_part, k_part = (lse.new_empty((B * H, slots, 2, D) if w is not None else (0, 0, 2, D)) for w in (qw, kw))
     common = (H, N, slots, scale, scale * LOG2E, q_eps, k_eps, dropout_p)
+    consts = dict(consts, SLOT_ROWS=kernels.SLOT_ROWS)
     backend.launcher(kernels._attention_bwd_dkdv)[lambda meta: (B * H, triton.cdiv(N, meta["BLOCK_N"]))](
         q, k, v, do, lse, delta, dk, dv, seed, qw, qb, kw, kb, k_part,
         *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dk.stride(), *dv.stride(), *common, **consts)
@@ -167,6 +165,7 @@ def _attention_setup(ctx, inputs, output):
 
 
 def _attention_backward(ctx, dout, _dlse):
+    backend.refuse_double_backward("attention")
     q, k, v, out, lse, seed = ctx.saved_tensors
     dq, dk, dv = _attention_bwd(dout, q, k, v, out, lse, ctx.scale, ctx.dropout_p, seed, ctx.packed_out)
     return dq, dk, dv, None, None, None, None
@@ -178,6 +177,7 @@ def _qkv_attention_setup(ctx, inputs, output):
 
 
 def _qkv_attention_backward(ctx, dout, _dlse):
+    backend.refuse_double_backward("qkv_attention")
     qkv, out, lse, seed, qw, qb, kw, kb = ctx.saved_tensors
     dqkv, q_grads, k_grads = _qkv_attention_bwd(dout, qkv, out, lse, ctx.num_heads, ctx.scale, ctx.dropout_p,
                                                 seed, qw, qb, ctx.q_eps, kw, kb, ctx.k_eps)
@@ -198,10 +198,21 @@ def _check_dropout(dropout_p: float) -> None:
         raise ValueError(f"dropout_p must be in [0, 1); got {dropout_p}")
 
 
-def _check_kernel_input(name: str, t: Tensor) -> None:
-    if t.dtype not in KERNEL_DTYPES:
-        raise ValueError(f"{name} has dtype {t.dtype}; the attention kernel takes one of {KERNEL_DTYPES}")
-    kernels.head_dim_block(t.shape[-1])
+def _runs_kernels(op: str, t: Tensor) -> bool:
+    """Whether ``op`` on ``t`` runs the kernels: the backend's choice for a non-empty tensor of a
+    kernel dtype (float64, empty tensors and, on a GPU, float32 run the reference)."""
+    if t.dtype not in backend.KERNEL_DTYPES or t.numel() == 0 or not backend.use_triton(t):
+        return False
+    if t.dtype == torch.float32 and not backend.float32_dots_on_kernels():
+        return False
+    backend.refuse_bfloat16_dots(op, t.dtype)
+    return True
+
+
+def _check_head_dim(head_dim: int) -> None:
+    # Both paths: the default scale head_dim ** -0.5 needs a head dim.
+    if head_dim < 1:
+        raise ValueError(f"the head dim (last dim of q, k, v) must be >= 1; got {head_dim}")
 
 
 def _seed(t: Tensor, dropout_p: float) -> Optional[Tensor]:
@@ -218,7 +229,8 @@ def _fused_layer_norm(norm, head_dim: int, like: Tensor):
     ones = like.new_ones(head_dim, dtype=torch.float32)
     weight = norm.weight if norm.weight is not None else ones
     bias = norm.bias if norm.bias is not None else torch.zeros_like(ones)
-    return weight, bias, float(norm.eps)
+    # The kernels index them as contiguous: a strided or expanded view is copied (D elements).
+    return weight.contiguous(), bias.contiguous(), float(norm.eps)
 
 
 def attention(q: Tensor, k: Tensor, v: Tensor, scale: Optional[float] = None, dropout_p: float = 0.0) -> Tensor:
@@ -228,13 +240,16 @@ def attention(q: Tensor, k: Tensor, v: Tensor, scale: Optional[float] = None, dr
             raise ValueError(f"{name} must have shape (B, H, N, D); got {tuple(t.shape)}")
     if k.shape != v.shape or k.shape[:2] + k.shape[3:] != q.shape[:2] + q.shape[3:]:
         raise ValueError(f"q, k, v shapes do not match: {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
+    if not q.is_floating_point():
+        raise ValueError(f"q must be a floating-point tensor; got {q.dtype}")
     for name, t in (("k", k), ("v", v)):
         if t.dtype != q.dtype or t.device != q.device:
             raise ValueError(f"{name} is {t.dtype} on {t.device}; expected q's {q.dtype} on {q.device}")
+    _check_head_dim(q.shape[-1])
     _check_dropout(dropout_p)
-    if not backend.use_triton(q) or (q.dtype == torch.float32 and not backend.float32_dots_on_kernels()):
+    if not _runs_kernels("attention", q):
         return reference.attention(q, k, v, scale, dropout_p)
-    _check_kernel_input("q", q)
+    kernels.head_dim_block(q.shape[-1])
     if k.shape[2] != q.shape[2]:
         raise ValueError(f"k has {k.shape[2]} tokens; the attention kernel expects q's {q.shape[2]}")
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
@@ -249,14 +264,19 @@ def qkv_attention(qkv: Tensor, num_heads: int, scale: Optional[float] = None,
     """
     if qkv.dim() != 3:
         raise ValueError(f"qkv must have shape (B, N, 3 * C); got {tuple(qkv.shape)}")
-    if num_heads < 1 or qkv.shape[-1] % (3 * num_heads):
+    if not qkv.is_floating_point():
+        raise ValueError(f"qkv must be a floating-point tensor; got {qkv.dtype}")
+    if num_heads < 1:
+        raise ValueError(f"num_heads must be >= 1; got {num_heads}")
+    if qkv.shape[-1] % (3 * num_heads):
         raise ValueError(
             f"qkv has {qkv.shape[-1]} features; expected a multiple of 3 * num_heads = {3 * num_heads}")
-    _check_dropout(dropout_p)
-    if not backend.use_triton(qkv) or (qkv.dtype == torch.float32 and not backend.float32_dots_on_kernels()):
-        return reference.qkv_attention(qkv, num_heads, scale, dropout_p, q_norm, k_norm)
-    _check_kernel_input("qkv", qkv.unflatten(-1, (3 * num_heads, -1)))
     head_dim = qkv.shape[-1] // (3 * num_heads)
+    _check_head_dim(head_dim)
+    _check_dropout(dropout_p)
+    if not _runs_kernels("qkv_attention", qkv):
+        return reference.qkv_attention(qkv, num_heads, scale, dropout_p, q_norm, k_norm)
+    kernels.head_dim_block(head_dim)
     scale = head_dim ** -0.5 if scale is None else float(scale)
     seed = _seed(qkv, dropout_p)
     # timm passes nn.Identity() when qk_norm is off.

@@ -26,8 +26,6 @@ from .. import backend, reference
 if backend.triton_installed():
     from ..kernels import linear_gelu as _kernels
 
-_KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-
 
 def implementation(device: torch.device) -> tuple[str, str]:
     """Which implementation runs linear / linear_gelu on ``device``, and why."""
@@ -159,6 +157,7 @@ def _setup_context(ctx, inputs, output):
 
 
 def _backward(ctx, grad, _grad_pre):
+    backend.refuse_double_backward("linear" if ctx.activation == "none" else "linear_gelu")
     x, weight, bias, pre = ctx.saved_tensors
     need_dx, need_dw, need_db = ctx.needs_input_grad[:3]
     dx, dw, db = _linear_act_backward(grad, x, weight, bias, pre, ctx.activation, need_dx, need_dw, need_db)
@@ -174,12 +173,15 @@ def _run(x, weight, bias, activation: str, recompute: bool) -> Optional[torch.Te
     x, weight, bias = _autocast(x, weight, bias)
     _check_dtypes(x, weight, bias)
     # in_features = 0 (an empty reduction) is left to the reference: no tile would hold db.
-    if not backend.use_triton(x) or x.dtype not in _KERNEL_DTYPES or x.shape[-1] == 0:
+    if not backend.use_triton(x) or x.dtype not in backend.KERNEL_DTYPES or x.shape[-1] == 0:
         return None
     if x.dtype == torch.float32 and not backend.float32_dots_on_kernels():
         return None
+    backend.refuse_bfloat16_dots("linear" if activation == "none" else "linear_gelu", x.dtype)
     # A view wherever the leading dims flatten; otherwise reshape makes the one needed copy.
     x2d = x.reshape(-1, x.shape[-1])
+    # The epilogue indexes the bias as contiguous; a strided or expanded view is copied (N elements).
+    bias = None if bias is None else bias.contiguous()
     needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias))
     out, _ = torch.ops.vit_kernels.linear_act(x2d, weight, bias, activation, needs_grad and not recompute)
     return out.reshape(*x.shape[:-1], weight.shape[0])
