@@ -88,6 +88,15 @@ Geometry check_patch_embed_inputs(const at::Tensor& images, const at::Tensor& we
     TORCH_CHECK_VALUE(t.numel() == g.C, name, " must have C = ", g.C, " elements (one per channel); got shape ",
                       t.sizes());
   }
+  // A zero std is caught where reading it is cheap: on the CPU. A CUDA std is not read (that
+  // would sync the device on every call); a zero there gives inf/nan tokens.
+  if (std && std->is_cpu()) {
+    const at::Tensor values = std->to(at::kDouble).contiguous();
+    const double* v = values.const_data_ptr<double>();
+    for (int64_t c = 0; c < g.C; ++c) {
+      TORCH_CHECK_VALUE(v[c] != 0, "std must be non-zero in every channel; channel ", c, " is 0");
+    }
+  }
   return g;
 }
 

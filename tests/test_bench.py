@@ -1,7 +1,9 @@
 """The benchmark harness on the CPU: tiny shapes, so the whole file runs in well under a minute."""
 import csv
+import errno
 import json
 import re
+import tempfile
 
 import pytest
 import torch
@@ -79,13 +81,90 @@ def test_upsert_replaces_same_key_and_keeps_others(tmp_path):
     ("models", "vit_bsae_patch16_224", "vit_base_patch16_224"),
     ("dtypes", "float8", "bfloat16"),
     ("modes", "backward", "fwd+bwd"),
+    ("providers", "vk+compyle", "vk+compile"),
 ])
 def test_unknown_names_list_valid_ones(field, name, valid, capsys):
-    with pytest.raises(ValueError, match=rf"unknown .*'{name}'.*{re.escape(valid)}"):
+    with pytest.raises(ValueError, match=rf"unknown .*'{re.escape(name)}'.*{re.escape(valid)}"):
         bench.resolve(bench.Plan(device="cpu", **{field: [name]}))
-    # The CLI turns it into an error message and exit status 2, not a traceback.
-    assert cli.main(["bench", f"--{field}", name, "--device", "cpu"]) == 2
-    assert valid in capsys.readouterr().err
+    # The CLI turns it into a usage error naming the option (exit status 2), not a traceback.
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(["bench", f"--{field}", name, "--device", "cpu"])
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert f"argument --{field}: unknown" in err and valid in err
+
+
+@pytest.fixture
+def nothing_runs(monkeypatch):
+    """Fail the test if the harness gets as far as timing anything."""
+    def ran(*args, **kwargs):
+        pytest.fail("the run started before the options were checked")
+    for name in ("measure_ceilings", "run_cases", "ModelPair"):
+        monkeypatch.setattr(bench, name, ran)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--batch-sizes", "abc"], "argument --batch-sizes: expected comma-separated integers; got 'abc'"),
+    (["--batch-sizes", "-1"], r"argument --batch-sizes: batch sizes must be positive ints; got [-1]"),
+    (["--batch-sizes", "4,0"], r"argument --batch-sizes: batch sizes must be positive ints; got [4, 0]"),
+    (["--device", "bogus"], "argument --device: expected cpu, cuda or cuda:N; got 'bogus'"),
+    (["--device", "meta"], "argument --device: expected cpu, cuda or cuda:N; got 'meta'"),
+    (["--providers", "bogus"], "argument --providers: unknown provider 'bogus'; valid providers: vk, timm"),
+])
+def test_bad_option_is_a_usage_error_before_anything_runs(argv, message, nothing_runs, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(["bench", "--device", "cpu", "--models", "vit_tiny_patch16_224", *argv])
+    assert exit_.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("device, count", [("cuda", 0), ("cuda:1", 1)])
+def test_missing_cuda_device_is_a_usage_error(device, count, monkeypatch, nothing_runs, capsys):
+    # The device count is faked so the test means the same on a machine with a GPU.
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: count)
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(["bench", "--device", device])
+    assert exit_.value.code == 2
+    assert f"argument --device: '{device}' asked for, but torch {torch.__version__} sees {count} CUDA devices" \
+        in capsys.readouterr().err
+
+
+def test_unwritable_out_is_found_before_anything_runs(tmp_path, nothing_runs, capsys):
+    (tmp_path / "a_file").write_text("")
+    out = tmp_path / "a_file" / "results"  # a directory under a file: no user can create it, root included
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(["bench", "--device", "cpu", "--ops", "add_layer_norm", "--out", str(out)])
+    assert exit_.value.code == 2
+    assert f"argument --out: cannot write to {out}: Not a directory" in capsys.readouterr().err
+
+
+def test_results_that_cannot_be_written_at_the_end_are_kept(tmp_path, monkeypatch, capsys):
+    def disk_full(*args):
+        raise OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr(bench, "upsert_csv", disk_full)
+    monkeypatch.setattr(bench, "measure_ceilings", lambda *args: None)
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    out = tmp_path / "out"
+    # One provider of one op at one shape: the smallest run there is.
+    code = cli.main(["bench", "--device", "cpu", "--ops", "add_layer_norm", "--modes", "fwd",
+                     "--providers", "eager", "--no-plots", "--out", str(out)])
+    printed = capsys.readouterr()
+    assert code == 1
+    (fallback,) = tmp_path.glob("vit_kernels-bench-*/run-*.json")
+    assert f"error: could not write the results to {out} ([Errno 28] No space left on device); " \
+           f"this run's 1 rows are saved in {fallback}" in printed.err
+    assert [(r["bench"], r["provider"]) for r in json.loads(fallback.read_text())["rows"]] == [("add_layer_norm", "eager")]
+    assert "add_layer_norm" in printed.out  # the table
+    assert list(out.iterdir()) == []  # the write probe left nothing behind
+
+
+def test_every_provider_name_is_declared():
+    # --providers is checked against these lists; a provider added without its name would be refused.
+    for op in bench.OPS:
+        for case in bench.op_cases(op, torch.device("cpu"), torch.float32, ["fwd"], True, True, TINY_OPS):
+            assert set(case.providers) <= set(bench.OP_PROVIDERS), op
+    pair = bench.ModelPair("vit_tiny_patch16_224", torch.device("cpu"), torch.float32, **TINY_MODEL)
+    assert set(pair.provider_models(compile_=True)) <= set(bench.MODEL_PROVIDERS)
 
 
 def test_bf16_refused_where_the_gpu_has_none(monkeypatch):

@@ -373,3 +373,150 @@ def test_cuda_opcheck_and_large_batch():
     with vk.use_backend("torch"):
         expected = vk.ops.patch_embed(**leaves(big, torch.float32, grad=False))
     torch.testing.assert_close(vk.ops.patch_embed(**big).float(), expected, atol=5e-2, rtol=2e-2)
+
+
+# ---- Edge sizes and argument forms (issue #13): both implementations --------------------------
+
+# "extension": the default dispatch (the C++ op on the CPU); "torch": the reference.
+IMPLEMENTATIONS = ["extension", "torch"]
+
+
+def run_with(implementation, **case):
+    with vk.use_backend("torch" if implementation == "torch" else "auto"):
+        return vk.ops.patch_embed(**case)
+
+
+@pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
+@pytest.mark.parametrize("pad", [False, True])
+def test_empty_batch_forward_and_backward(implementation, pad):
+    # B = 0 (a filtered batch with nothing left): empty tokens, and every gradient zero and of its
+    # input's shape. C = MIN_SAMPLES so mean and std take gradients too; 30 x 45 pads to 2 x 3 patches.
+    case = leaves(make_case(B=0, C=MIN_SAMPLES, size=(30, 45) if pad else (32, 48), img_dtype=torch.float32,
+                            prefix=1, pos="all"), torch.float32)
+    out = run_with(implementation, **case, pad=pad)
+    assert out.shape == (0, 1 + 6, 40)
+    grads = grads_of(out, case, torch.ones_like(out))
+    assert grads.keys() == {"images", "weight", "bias", "pos_embed", "prefix_tokens", "mean", "std"}
+    for name, grad in grads.items():
+        assert grad.shape == case[name].shape and not grad.any(), name
+    if implementation == "extension":
+        torch.library.opcheck(torch.ops.vit_kernels.patch_embed.default, tuple(case[k] for k in NAMES) + (pad,))
+
+
+@pytest.mark.parametrize("shape", [(40, 3, 0, 0), (40, 3, 16, 0), (40, 3, 0, 16), (0, 3, 16, 16)])
+@pytest.mark.parametrize("entry", ["extension", "torch", "c++"])
+def test_empty_patch_is_a_value_error(entry, shape):
+    # A 0 x 0 patch has no patch grid (it used to raise ZeroDivisionError in Python); D = 0 is
+    # refused with it, as the C++ check always did.
+    case = dict(make_case(prefix=0, pos=None, bias=False), weight=torch.randn(shape))
+    match = "weight must have shape \\(D, C, ph, pw\\) with D, ph, pw > 0"
+    with pytest.raises(ValueError, match=match):
+        if entry == "c++":
+            torch.ops.vit_kernels.patch_embed(*(case[k] for k in NAMES))
+        else:
+            run_with(entry, **case)
+
+
+def zero_channel_case(**kwargs):
+    """make_case with C = 0: images (2, 0, H, W), weight (40, 0, 16, 16), mean and std of 0 elements."""
+    case = make_case(img_dtype=torch.float32, **kwargs)
+    return dict(case, **{k: case[k][:0] for k in ("mean", "std")},
+                images=case["images"][:, :0], weight=case["weight"][:, :0])
+
+
+@pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
+@pytest.mark.parametrize("pad,prefix,pos", [(False, 1, "all"), (True, 5, "patches"), (False, 0, None)])
+def test_zero_channels_project_to_the_added_terms(implementation, pad, prefix, pos):
+    # C = 0: the projection of no pixels is 0, so the tokens are prefix tokens + bias + pos_embed.
+    # F.conv2d returns 0 output channels for 0 input channels; the reference must not follow it.
+    case = leaves(zero_channel_case(size=(30, 45) if pad else (32, 48), prefix=prefix, pos=pos), torch.float32)
+    out = run_with(implementation, **case, pad=pad)
+    rows = [case["prefix_tokens"][0]] if prefix else []
+    expected = torch.cat(rows + [case["bias"].expand(6, 40)])
+    if pos is not None:
+        expected[expected.shape[0] - case["pos_embed"].shape[1]:] += case["pos_embed"][0]
+    torch.testing.assert_close(out, expected.expand(2, -1, -1))
+    cotangent = torch.randn_like(out)
+    grads = grads_of(out, case, cotangent)
+    assert grads["images"].shape == case["images"].shape and grads["weight"].shape == (40, 0, 16, 16)
+    torch.testing.assert_close(grads["bias"], cotangent[:, prefix:].sum((0, 1)))
+
+
+def test_zero_channels_both_implementations_agree():
+    case = leaves(zero_channel_case(prefix=1, pos="all"), torch.float32)
+    outs = [run_with(impl, **case) for impl in IMPLEMENTATIONS]
+    torch.testing.assert_close(*outs)
+    cotangent = torch.randn_like(outs[0])
+    ext, ref = (grads_of(o, case, cotangent) for o in outs)
+    assert ext.keys() == ref.keys() == {"images", "weight", "bias", "pos_embed", "prefix_tokens"}
+    for name in ext:
+        torch.testing.assert_close(ext[name], ref[name])
+
+
+@pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
+@pytest.mark.parametrize("as_", [tuple, list])
+def test_mean_std_as_sequences(implementation, as_):
+    # timm's IMAGENET_DEFAULT_MEAN / _STD are tuples: they mean the same as float32 tensors.
+    case = make_case()
+    expected = run_with(implementation, **case)
+    out = run_with(implementation, **dict(case, mean=as_(IMAGENET_MEAN), std=as_(IMAGENET_STD)))
+    torch.testing.assert_close(out, expected, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
+def test_mean_std_sequences_follow_the_images_device(implementation):
+    # On "meta" (a model sized without memory) a sequence becomes a meta tensor, also when
+    # torch.device("meta") is the default device.
+    case = {k: None if v is None else v.to("meta") for k, v in make_case().items()}
+    with torch.device("meta"), warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*has no meta kernel")  # the reference runs there
+        out = run_with(implementation, **dict(case, mean=IMAGENET_MEAN, std=IMAGENET_STD))
+    assert out.device.type == "meta" and out.shape == (2, 7, 40)
+
+
+def test_mean_std_sequences_compile_fullgraph():
+    case = dict(make_case(), mean=IMAGENET_MEAN, std=IMAGENET_STD)
+    expected = vk.ops.patch_embed(**case)  # eager first: it loads the extension, which dynamo cannot trace
+    compiled = torch.compile(vk.ops.patch_embed, fullgraph=True, backend="aot_eager")
+    torch.testing.assert_close(compiled(**case), expected)
+
+
+def _bad_mean_std():
+    yield "mean 4 floats", dict(mean=(0.5,) * 4), "mean must have C = 3 elements"
+    yield "std 2 floats", dict(std=[0.5, 0.5]), "std must have C = 3 elements"
+    yield "std zero in a tuple", dict(std=(0.2, 0.0, 0.2)), "std must be non-zero in every channel"
+    yield "std zero in a CPU tensor", dict(std=torch.tensor([0.2, 0.2, 0.0])), "std must be non-zero in every channel"
+    yield "mean of strings", dict(mean=("r", "g", "b")), "mean must be a tensor or a sequence of floats"
+    yield "std ragged", dict(std=[0.2, [0.2, 0.2]]), "std must be a tensor or a sequence of floats"
+
+
+BAD_MEAN_STD = list(_bad_mean_std())
+
+
+@pytest.mark.parametrize("change,match", [b[1:] for b in BAD_MEAN_STD], ids=[b[0] for b in BAD_MEAN_STD])
+@pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
+def test_bad_mean_std(implementation, change, match):
+    with pytest.raises(ValueError, match=match):
+        run_with(implementation, **dict(make_case(), **change))
+
+
+def test_zero_std_tensor_direct_op_call():
+    # The C++ op reads a CPU std (C values) and refuses a zero, as the Python entry does.
+    case = dict(make_case(), std=torch.tensor([0.2, 0.0, 0.2]))
+    with pytest.raises(ValueError, match="std must be non-zero in every channel; channel 1 is 0"):
+        torch.ops.vit_kernels.patch_embed(*(case[k] for k in NAMES))
+
+
+@pytest.mark.cuda
+def test_cuda_std_tensor_is_not_read():
+    # Checking a CUDA std for zeros would sync the device on every call: it is not checked, and a
+    # zero gives inf/nan tokens. set_sync_debug_mode("error") fails any synchronising call.
+    case = dict(make_case(device="cuda"), std=torch.tensor([0.2, 0.0, 0.2], device="cuda"))
+    vk.ops.patch_embed(**make_case(device="cuda"))  # loads the extension outside the sync check
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        out = vk.ops.patch_embed(**case)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert not torch.isfinite(out).all()

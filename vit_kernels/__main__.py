@@ -10,8 +10,11 @@ import sys
 import torch
 
 from . import backend
+from . import bench as harness
+from .bench.ops import OPS
 
-OPS = ("attention", "add_layer_norm", "linear_gelu", "patch_embed")
+# The Plan fields whose option is not --<field>, for naming the option in an error.
+_OPTIONS = {"batches": "--batch-sizes"}
 
 
 def _version(module: str) -> str:
@@ -43,11 +46,17 @@ def _names(text):
     return None if text is None else [t.strip() for t in text.split(",") if t.strip()]
 
 
-def bench(args) -> int:
-    from . import bench as harness
+def _ints(text: str) -> list[int]:
+    try:
+        return [int(t) for t in _names(text)]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers; got {text!r}") from None
+
+
+def bench(args, parser: argparse.ArgumentParser) -> int:
     plan = harness.Plan(ops=_names(args.ops), models=_names(args.models), dtypes=_names(args.dtypes),
-                        modes=_names(args.modes), providers=_names(args.providers), batches=[int(b) for b in _names(args.batch_sizes)] if args.batch_sizes
-                        else None, quick=args.quick, compile=args.compile, cuda_graphs=not args.no_cuda_graphs,
+                        modes=_names(args.modes), providers=_names(args.providers), batches=args.batch_sizes or None,
+                        quick=args.quick, compile=args.compile, cuda_graphs=not args.no_cuda_graphs,
                         device=args.device, out=args.out, plots=not args.no_plots)
     if args.ops is not None and args.models is None:
         plan.models = []
@@ -55,9 +64,11 @@ def bench(args) -> int:
         plan.ops = []
     try:
         rows, _ = harness.run(plan)
-    except ValueError as error:
+    except harness.PlanError as error:  # raised before anything ran: a usage error
+        parser.error(f"argument {_OPTIONS.get(error.field, '--' + error.field)}: {error}")
+    except harness.ResultsNotSaved as error:
         print(f"error: {error}", file=sys.stderr)
-        return 2
+        return 1
     return 1 if any(r.get("status") in ("mismatch", "error") for r in rows) else 0
 
 
@@ -107,7 +118,7 @@ def main(argv=None) -> int:
     bench_parser.add_argument("--modes", help="comma-separated: fwd, bwd, fwd+bwd (ops), inference, train (models)")
     bench_parser.add_argument("--providers", help="comma-separated provider names to keep (e.g. vk,timm+compile); "
                               "the baseline always runs")
-    bench_parser.add_argument("--batch-sizes", help="model batch sweep, comma-separated; default 1..512 on CUDA, 4 on CPU")
+    bench_parser.add_argument("--batch-sizes", type=_ints, help="model batch sweep, comma-separated; default 1..512 on CUDA, 4 on CPU")
     bench_parser.add_argument("--quick", action="store_true", help="one shape per op, one model, one batch: 1-2 minutes")
     compile_group = bench_parser.add_mutually_exclusive_group()
     compile_group.add_argument("--compile", dest="compile", action="store_true", default=None,
@@ -133,7 +144,9 @@ def main(argv=None) -> int:
     report_parser.add_argument("--kernels", help="comma-separated substrings of kernel names to keep")
     report_parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="compile processes (default: cores)")
     args = parser.parse_args(argv)
-    return {"info": info, "bench": bench, "compile-report": compile_report}[args.command](args)
+    if args.command == "bench":
+        return bench(args, bench_parser)
+    return {"info": info, "compile-report": compile_report}[args.command](args)
 
 
 if __name__ == "__main__":

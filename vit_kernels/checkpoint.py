@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import zipfile
 from typing import Dict, List
 
 import numpy as np
@@ -10,15 +11,47 @@ import torch.nn as nn
 
 from .layers import AttentionPoolLatent, resample_abs_pos_embed
 
+FORMATS = "safetensors, torch.save (.pth/.pt/.bin) or JAX/Flax .npz"
 
-def read_state_dict(path: str) -> Dict[str, torch.Tensor]:
-    """A state dict from a .safetensors file or a torch.save file (unwrapping 'state_dict'/'model')."""
+
+def checkpoint_format(path: str) -> str:
+    """'safetensors', 'torch' or 'npz', read from the file's first bytes: names lie (a safetensors
+    file saved as .pth is common), and torch.load would misread it as a legacy pickle."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"checkpoint_path {path!r} is not a file")
-    if path.endswith(".safetensors"):
+    with open(path, "rb") as f:
+        head = f.read(9)
+    # safetensors: an 8-byte little-endian header length, then the JSON header itself.
+    if len(head) == 9 and head[8:] == b"{" and int.from_bytes(head[:8], "little") + 8 <= os.path.getsize(path):
+        return "safetensors"
+    if head.startswith(b"PK"):  # a zip: torch.save's archive (a data.pkl inside) or numpy's .npz (.npy members)
+        try:
+            with zipfile.ZipFile(path) as archive:
+                names = archive.namelist()
+        except zipfile.BadZipFile:
+            names = []
+        if any(n.endswith(".npy") for n in names):
+            return "npz"
+        if any(n.endswith("data.pkl") for n in names):
+            return "torch"
+    elif head.startswith(b"\x80"):  # a pickle: torch.save's legacy (pre-1.6) format
+        return "torch"
+    raise ValueError(f"checkpoint_path {path!r} is not a {FORMATS} file (it begins with {head!r})")
+
+
+def read_state_dict(path: str) -> Dict[str, torch.Tensor]:
+    """A state dict from a safetensors or torch.save file (unwrapping 'state_dict'/'model')."""
+    kind = checkpoint_format(path)
+    if kind == "npz":
+        raise ValueError(f"checkpoint_path {path!r} is a JAX/Flax .npz checkpoint, not a state dict; "
+                         "load it with model.load_pretrained")
+    if kind == "safetensors":
         from safetensors.torch import load_file
         return load_file(path)
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    # A file object, not the path: newer torch.load sends a path ending in .safetensors to safetensors
+    # by its name, and the content has already said this is torch.save's.
+    with open(path, "rb") as f:
+        state = torch.load(f, map_location="cpu", weights_only=True)
     for key in ("state_dict", "model"):
         if isinstance(state, dict) and isinstance(state.get(key), dict):
             state = state[key]
@@ -28,6 +61,9 @@ def read_state_dict(path: str) -> Dict[str, torch.Tensor]:
 def configs_that_fit(state_dict: Dict[str, torch.Tensor]) -> List[str]:
     """Names of the model configs whose parameter names and shapes equal the state dict's."""
     from .vision_transformer import MODEL_CONFIGS, VisionTransformer
+    # A value that is not a tensor fits no config (torch's own error names its key).
+    if not all(torch.overrides.is_tensor_like(v) for v in state_dict.values()):
+        return []
     wanted = {k: tuple(v.shape) for k, v in state_dict.items()}
     fits = []
     for name, config in MODEL_CONFIGS.items():
@@ -40,7 +76,7 @@ def configs_that_fit(state_dict: Dict[str, torch.Tensor]) -> List[str]:
 
 def load_checkpoint(model: nn.Module, path: str, model_name: str = "") -> None:
     """Load ``path`` into ``model`` strictly (.npz through ``model.load_pretrained``)."""
-    if path.endswith(".npz"):
+    if checkpoint_format(path) == "npz":
         model.load_pretrained(path)
     else:
         model.load_state_dict(read_state_dict(path))
@@ -96,6 +132,10 @@ def _copy_mlp(mlp: nn.Module, w, key: str, index=None) -> None:
 def load_npz_weights(model: nn.Module, path: str, prefix: str = "") -> None:
     """Load a Google ViT (.npz) checkpoint: the original layout (encoderblock_{i}) or big_vision's
     (one stacked 'encoderblock' with the layer as the leading axis, MAP head)."""
+    kind = checkpoint_format(path)
+    if kind != "npz":
+        raise ValueError(f"{path!r} is a {kind} file, not a JAX/Flax .npz checkpoint; load it with "
+                         "create_model(name, checkpoint_path=...) or model.load_state_dict")
     w = np.load(path)
     prefix = _find_prefix(w, prefix)
     big_vision = (prefix.startswith("params/") or f"{prefix}pos_embedding" in w

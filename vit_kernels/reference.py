@@ -24,8 +24,7 @@ def attention(q, k, v, scale: Optional[float] = None, dropout_p: float = 0.0) ->
 
 def split_qkv(qkv: torch.Tensor, num_heads: int):
     """(B, N, 3 * H * D) packed projection -> q, k, v of shape (B, H, N, D) (views)."""
-    B, N, _ = qkv.shape
-    return qkv.reshape(B, N, 3, num_heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
+    return qkv.unflatten(-1, (3, num_heads, qkv.shape[-1] // (3 * num_heads))).permute(2, 0, 3, 1, 4).unbind(0)
 
 
 def qkv_attention(qkv, num_heads: int, scale: Optional[float] = None, dropout_p: float = 0.0,
@@ -41,7 +40,7 @@ def qkv_attention(qkv, num_heads: int, scale: Optional[float] = None, dropout_p:
     if k_norm is not None:
         k = k_norm(k)
     out = attention(q, k, v, scale, dropout_p)
-    return out.transpose(1, 2).reshape(B, N, -1)
+    return out.transpose(1, 2).reshape(B, N, qkv.shape[-1] // 3)
 
 
 def add_layer_norm(x, residual, weight, bias, eps: float = 1e-6, gamma=None, row_scale=None,
@@ -60,7 +59,14 @@ def add_layer_norm(x, residual, weight, bias, eps: float = 1e-6, gamma=None, row
     new_residual = branch if residual is None else residual + branch
     if residual_dtype is not None:
         new_residual = new_residual.to(residual_dtype)
-    normed = F.layer_norm(new_residual, (x.shape[-1],), weight, bias, eps).to(x.dtype)
+    # Parameters of another dtype than new_residual (float32 ones with a 16-bit stream, or the
+    # reverse): normalise in the widest of them, as the kernel does in float32, and round once.
+    # F.layer_norm's own mixed-dtype support covers only some of these cases (not CPU backward).
+    dtype = new_residual.dtype
+    for t in (weight, bias):
+        dtype = dtype if t is None else torch.promote_types(dtype, t.dtype)
+    weight, bias = (None if t is None else t.to(dtype) for t in (weight, bias))
+    normed = F.layer_norm(new_residual.to(dtype), (x.shape[-1],), weight, bias, eps).to(x.dtype)
     return normed, new_residual
 
 
@@ -102,6 +108,8 @@ def patch_embed(images, weight, bias=None, pos_embed=None, prefix_tokens=None,
         x = x / 255
     if mean is not None:
         x = (x - mean.to(x).reshape(1, -1, 1, 1)) / std.to(x).reshape(1, -1, 1, 1)
+    if x.shape[1] == 0:  # F.conv2d gives 0 output channels for 0 input channels (pytorch/pytorch#56998):
+        x, weight = F.pad(x, (0, 0, 0, 0, 0, 1)), F.pad(weight, (0, 0, 0, 0, 0, 1))  # a zero channel adds 0
     tokens = F.conv2d(x, weight, bias, stride=weight.shape[-2:]).flatten(2).transpose(1, 2)
     num_prefix = 0 if prefix_tokens is None else prefix_tokens.shape[1]
     if pos_embed is not None and pos_embed.shape[1] == tokens.shape[1]:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+import numbers
 from functools import partial
 from typing import Callable, Dict, List, Literal, Optional, Set, Tuple, Type, Union
 
@@ -12,7 +13,7 @@ from torch.utils.checkpoint import checkpoint
 
 from . import ops
 from .layers import (Attention, AttentionPoolLatent, Block, LayerNorm, LayerType, Mlp, PatchDropout,
-                     PatchEmbed, get_act_layer, get_norm_layer, resample_abs_pos_embed)
+                     PatchEmbed, get_act_layer, get_norm_layer, resample_abs_pos_embed, to_2tuple)
 
 GLOBAL_POOLS = ("", "token", "avg", "max", "avgmax", "map")
 POS_EMBEDS = ("", "none", "learn")
@@ -22,6 +23,26 @@ WEIGHT_INITS = ("", "jax", "jax_nlhb", "moco", "skip")
 def _check_choice(name: str, value, choices) -> None:
     if value not in choices:
         raise ValueError(f"{name} must be one of {choices}; got {value!r}")
+
+
+def _check_int(name: str, value, minimum: int) -> None:
+    # numbers.Integral, not int: a numpy integer read from a config file is a fine depth.
+    if not isinstance(value, numbers.Integral) or value < minimum:
+        raise ValueError(f"{name} must be an int >= {minimum}; got {value!r}")
+
+
+def _check_rate(name: str, value, one_allowed: bool = False) -> None:
+    """A probability in [0, 1), or [0, 1] where a rate of 1 still trains (drop_path_rate)."""
+    inside = isinstance(value, numbers.Real) and 0 <= value and (value <= 1 if one_allowed else value < 1)
+    if not inside:  # NaN fails every comparison, so it lands here too
+        raise ValueError(f"{name} must be in [0, 1{']' if one_allowed else ')'}; got {value!r}")
+
+
+def _check_size(name: str, value) -> Tuple[int, int]:
+    size = to_2tuple(value)
+    if len(size) != 2 or not all(isinstance(s, numbers.Integral) and s > 0 for s in size):
+        raise ValueError(f"{name} must be a positive int or an (H, W) pair of them; got {value!r}")
+    return size
 
 
 def take_indices(num_blocks: int, indices: Optional[Union[int, List[int]]]) -> Tuple[List[int], int]:
@@ -113,8 +134,24 @@ class VisionTransformer(nn.Module):
         _check_choice("weight_init", weight_init, WEIGHT_INITS)
         if global_pool == "token" and not class_token:
             raise ValueError("global_pool='token' needs class_token=True")
+        _check_int("in_chans", in_chans, 1)
+        _check_int("num_classes", num_classes, 0)
+        _check_int("embed_dim", embed_dim, 1)
+        _check_int("depth", depth, 0)
+        _check_int("num_heads", num_heads, 1)
+        _check_int("reg_tokens", reg_tokens, 0)
         if embed_dim % num_heads:
             raise ValueError(f"embed_dim ({embed_dim}) must be divisible by num_heads ({num_heads})")
+        if not (isinstance(mlp_ratio, numbers.Real) and mlp_ratio > 0):
+            raise ValueError(f"mlp_ratio must be a number > 0; got {mlp_ratio!r}")
+        grid = [s // p for s, p in zip(_check_size("img_size", img_size), _check_size("patch_size", patch_size))]
+        if 0 in grid:
+            raise ValueError(f"img_size {img_size} is smaller than patch_size {patch_size}: no whole patch fits")
+        for name, rate in (("drop_rate", drop_rate), ("pos_drop_rate", pos_drop_rate),
+                           ("patch_drop_rate", patch_drop_rate), ("proj_drop_rate", proj_drop_rate),
+                           ("attn_drop_rate", attn_drop_rate)):
+            _check_rate(name, rate)
+        _check_rate("drop_path_rate", drop_path_rate, one_allowed=True)
         use_fc_norm = global_pool in ("avg", "avgmax", "max") if fc_norm is None else fc_norm
         norm_layer = get_norm_layer(norm_layer) or LayerNorm
         embed_norm_layer = get_norm_layer(embed_norm_layer)
@@ -277,7 +314,7 @@ class VisionTransformer(nn.Module):
         B = x.shape[0]
         if self.dynamic_img_size:
             H, W = x.shape[1:3]
-            x = x.reshape(B, -1, x.shape[-1])
+            x = x.flatten(1, 2)
         prefix = self._prefix_tokens()
         to_cat = [] if prefix is None else [prefix.expand(B, -1, -1)]
         if self.pos_embed is None:
@@ -335,7 +372,7 @@ class VisionTransformer(nn.Module):
         """Features and the outputs of the chosen blocks (as timm's ``forward_intermediates``)."""
         _check_choice("output_fmt", output_fmt, ("NCHW", "NLC"))
         taken, max_index = take_indices(len(self.blocks), indices)
-        B, _, height, width = x.shape
+        height, width = x.shape[-2:]
         x = self.embed(x)
         blocks = self.blocks[:max_index + 1] if stop_early else self.blocks
         intermediates = []
@@ -350,7 +387,7 @@ class VisionTransformer(nn.Module):
             intermediates = [y[:, self.num_prefix_tokens:] for y in intermediates]
         if output_fmt == "NCHW":
             H, W = self.patch_embed.dynamic_feat_size((height, width))
-            intermediates = [y.reshape(B, H, W, -1).permute(0, 3, 1, 2).contiguous() for y in intermediates]
+            intermediates = [y.unflatten(1, (H, W)).permute(0, 3, 1, 2).contiguous() for y in intermediates]
 
         if output_dict:
             result = {"image_intermediates": intermediates}

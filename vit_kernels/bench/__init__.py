@@ -6,6 +6,7 @@ table, plots).
 """
 from __future__ import annotations
 
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional, Sequence
@@ -13,8 +14,8 @@ from typing import Optional, Sequence
 import torch
 
 from .. import backend
-from .models import MODEL_MODES, MODELS, ModelPair, batches_for, model_cases, valid_models
-from .ops import OP_MODES, OPS, op_cases
+from .models import MODEL_MODES, MODEL_PROVIDERS, MODELS, ModelPair, batches_for, model_cases, valid_models
+from .ops import OP_MODES, OP_PROVIDERS, OPS, op_cases
 from .output import device_slug, metadata, plot, table, upsert_csv, write_json
 from .runner import run_cases
 from .timing import QUICK, Budget, measure_ceilings
@@ -23,18 +24,55 @@ DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.floa
           "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
 
 
+PROVIDERS = tuple(dict.fromkeys(OP_PROVIDERS + MODEL_PROVIDERS))
+
+
+class PlanError(ValueError):
+    """A Plan field that cannot run, found by ``run`` before it runs anything; ``field`` names it."""
+
+    def __init__(self, field: str, message: str):
+        super().__init__(message)
+        self.field = field
+
+
+class ResultsNotSaved(RuntimeError):
+    """The run finished but its results could not be written to the output directory: ``rows``
+    holds them, ``fallback`` the JSON written in their place (None when that failed too)."""
+
+    def __init__(self, message: str, rows: list[dict], fallback: Optional[Path]):
+        super().__init__(message)
+        self.rows, self.fallback = rows, fallback
+
+
 def _choose(kind: str, names: Sequence[str], valid: Sequence[str]) -> list[str]:
     unknown = [n for n in names if n not in valid]
     if unknown:
-        raise ValueError(f"unknown {kind} {', '.join(map(repr, unknown))}; valid {kind}s: {', '.join(valid)}")
+        raise PlanError(f"{kind}s", f"unknown {kind} {', '.join(map(repr, unknown))}; "
+                                    f"valid {kind}s: {', '.join(valid)}")
     return list(names)
+
+
+def parse_device(name: Optional[str]) -> torch.device:
+    """cpu or cuda[:N] (a device this machine has); None: cuda if available, else cpu."""
+    if name is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:  # not a device string at all
+        device = None
+    if device is None or device.type not in ("cpu", "cuda"):
+        raise PlanError("device", f"expected cpu, cuda or cuda:N; got {name!r}")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise PlanError("device", f"{name!r} asked for, but torch {torch.__version__} sees "
+                                  f"{torch.cuda.device_count()} CUDA devices here")
+    return device
 
 
 def parse_dtypes(names: Sequence[str], device: torch.device) -> list[torch.dtype]:
     dtypes = [DTYPES[n] for n in _choose("dtype", names, list(DTYPES))]
     if torch.bfloat16 in dtypes and device.type == "cuda" and not torch.cuda.is_bf16_supported():
-        raise ValueError(f"bfloat16 is not supported on {torch.cuda.get_device_name(device)}; "
-                         "use --dtypes float16 or float32")
+        raise PlanError("dtypes", f"bfloat16 is not supported on {torch.cuda.get_device_name(device)}; "
+                                  "use float16 or float32")
     return list(dict.fromkeys(dtypes))
 
 
@@ -59,7 +97,8 @@ class Plan:
 
 
 def resolve(plan: Plan):
-    device = torch.device(plan.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    """Check every field (raising PlanError) and fill in the device's defaults."""
+    device = parse_device(plan.device)
     ops = _choose("op", plan.ops, OPS) if plan.ops is not None else list(OPS)
     models = _choose("model", plan.models, valid_models()) if plan.models is not None else ["vit_base_patch16_224"] \
         if (plan.quick or device.type != "cuda") else list(MODELS)
@@ -67,6 +106,10 @@ def resolve(plan: Plan):
     modes = list(plan.modes) if plan.modes is not None else None
     if modes is not None:
         _choose("mode", modes, OP_MODES + MODEL_MODES)
+    if plan.providers is not None:
+        _choose("provider", plan.providers, PROVIDERS)
+    if plan.batches is not None and not all(isinstance(b, int) and b > 0 for b in plan.batches):
+        raise PlanError("batches", f"batch sizes must be positive ints; got {list(plan.batches)}")
     # torch.compile on a 2-core CPU takes minutes per graph: only on request there.
     compile_ = plan.compile if plan.compile is not None else (device.type == "cuda" and not plan.quick)
     quick = plan.quick or device.type != "cuda"
@@ -74,15 +117,19 @@ def resolve(plan: Plan):
 
 
 def run(plan: Plan, log=print) -> tuple[list[dict], Path]:
-    """Run the plan; returns this run's rows and the output directory."""
+    """Run the plan; returns this run's rows and the output directory.
+
+    Raises PlanError before anything runs, and ResultsNotSaved (after printing the table) when the
+    results cannot be written at the end."""
     device, ops, models, dtypes, modes, compile_, quick = resolve(plan)
+    out_dir = Path(plan.out) if plan.out else Path("benchmarks") / "results" / device_slug(device)
+    _check_writable(out_dir)
     # Asking each op for its implementation also loads (or builds) the extension: before any row.
     implementations = ", ".join(f"{op}: {_impl(op, device)}" for op in ops)
     if device.type != "cuda":
         log(f"No CUDA device: timing the CPU paths only ({implementations}). The GPU kernels were NOT timed.")
     else:
         log(f"Implementations: {implementations}")
-    out_dir = Path(plan.out) if plan.out else Path("benchmarks") / "results" / device_slug(device)
     meta = metadata(device, backend.get_backend())
     budget = QUICK if quick else Budget()
     ceilings = measure_ceilings(device, quick) if plan.ceilings else None
@@ -122,22 +169,53 @@ def run(plan: Plan, log=print) -> tuple[list[dict], Path]:
     if ceilings:
         _drop_exceeded_ceilings(rows, meta, log)
 
-    out_dir.mkdir(parents=True, exist_ok=True)
-    all_rows = upsert_csv(out_dir / "results.csv", rows, meta)
-    json_path = write_json(out_dir, meta, rows)
-    notes = [f"results: {out_dir / 'results.csv'} (upserted), {json_path}"]
-    if plan.plots:
-        try:
-            pngs = plot([r for r in all_rows if r["device"] == meta["device"]], out_dir)
-            notes.append(f"plots: {len(pngs)} PNG under {out_dir / 'plots'}")
-        except ImportError as error:
-            notes.append(str(error))
+    # The table first: whatever happens to the files, the numbers are on the screen.
     log(table(rows))
+    try:
+        notes = _save(out_dir, rows, meta, plan.plots)
+    except OSError as error:
+        raise _not_saved(out_dir, error, meta, rows) from None
     for note in notes:
         log(note)
     if device.type != "cuda":
         log("CPU run: the Triton kernels and the CUDA extension were not timed; run on a GPU for those numbers.")
     return rows, out_dir
+
+
+def _check_writable(out_dir: Path) -> None:
+    """Create ``out_dir`` and write a file there now: a directory that cannot take the results has to
+    stop the run before anything is timed, not after."""
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=out_dir):
+            pass
+    except OSError as error:
+        raise PlanError("out", f"cannot write to {out_dir}: {error.strerror or error}") from None
+
+
+def _save(out_dir: Path, rows: list[dict], meta: dict, plots: bool) -> list[str]:
+    """Upsert the CSV, write the run's JSON and the plots; returns what to tell the user."""
+    all_rows = upsert_csv(out_dir / "results.csv", rows, meta)
+    json_path = write_json(out_dir, meta, rows)
+    notes = [f"results: {out_dir / 'results.csv'} (upserted), {json_path}"]
+    if plots:
+        try:
+            pngs = plot([r for r in all_rows if r["device"] == meta["device"]], out_dir)
+            notes.append(f"plots: {len(pngs)} PNG under {out_dir / 'plots'}")
+        except ImportError as error:
+            notes.append(str(error))
+    return notes
+
+
+def _not_saved(out_dir: Path, error: OSError, meta: dict, rows: list[dict]) -> ResultsNotSaved:
+    """The error for results that ``out_dir`` did not take, after writing them to a temporary directory."""
+    try:
+        fallback = write_json(Path(tempfile.mkdtemp(prefix="vit_kernels-bench-")), meta, rows)
+        where = f"saved in {fallback}"
+    except OSError:
+        fallback, where = None, "only in the table above"
+    return ResultsNotSaved(f"could not write the results to {out_dir} ({error}); this run's {len(rows)} rows "
+                           f"are {where}", rows, fallback)
 
 
 def _drop_exceeded_ceilings(rows: list[dict], meta: dict, log) -> None:

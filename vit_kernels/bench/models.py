@@ -16,6 +16,9 @@ from .case import Case
 
 MODELS = ("vit_small_patch16_224", "vit_base_patch16_224", "vit_large_patch16_224", "vit_base_patch14_reg4_dinov2")
 MODEL_MODES = ("inference", "train")
+# Every name ``model_cases`` gives a provider (the cudagraph ones on CUDA, the compile ones with torch.compile on).
+MODEL_PROVIDERS = ("timm", "vk", "timm+compile", "timm+compile-max-autotune", "vk+compile",
+                   "timm+cudagraph", "vk+cudagraph")
 FULL_BATCHES = (1, 8, 32, 64, 128, 256, 512)
 # Above this batch the float32 reference of a training step would not fit: train rows there are
 # checked against the baseline in the same dtype instead (with twice the tolerance floor).

@@ -22,6 +22,10 @@ from .case import Case, as_tuple
 
 OPS = ("attention", "add_layer_norm", "linear_gelu", "patch_embed")
 OP_MODES = ("fwd", "bwd", "fwd+bwd")
+# Every name ``_providers`` gives a provider (sdpa-* on CUDA, compile with torch.compile on), so that
+# a --providers filter with a typo is refused rather than silently keeping only the baselines.
+OP_PROVIDERS = ("vk", "timm", "eager", "compile", "addmm_gelu_tanh",
+                "sdpa-flash", "sdpa-efficient", "sdpa-cudnn", "sdpa-math")
 
 # ViT widths: (embed dim, heads).
 WIDTHS = {"S": (384, 6), "B": (768, 12), "L": (1024, 16), "H": (1280, 16)}

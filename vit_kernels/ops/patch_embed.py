@@ -15,7 +15,7 @@ grad, gp = g[:, P:] its patch rows, X (B*L, K) the normalised patch matrix, W = 
 from __future__ import annotations
 
 import warnings
-from typing import Optional
+from typing import Optional, Sequence, Union
 
 import torch
 import torch.nn.functional as F
@@ -60,6 +60,8 @@ def _check(images, weight, bias, pos_embed, prefix_tokens, mean, std, pad) -> tu
     if weight.shape[1] != C:
         raise ValueError(f"images have {C} channels; expected in_chans = {weight.shape[1]} "
                          f"(weight has shape {tuple(weight.shape)})")
+    if 0 in (D, *weight.shape[-2:]):
+        raise ValueError(f"weight must have shape (D, C, ph, pw) with D, ph, pw > 0; got {tuple(weight.shape)}")
     gh, gw = _grid(images, weight, pad)
     P, L = 0, gh * gw
     for name, t in (("weight", weight), ("bias", bias), ("pos_embed", pos_embed),
@@ -88,6 +90,30 @@ def _check(images, weight, bias, pos_embed, prefix_tokens, mean, std, pad) -> tu
     return P, L
 
 
+def _channel_vector(name: str, value, images: torch.Tensor) -> Optional[torch.Tensor]:
+    """mean or std as given: a tensor, or a sequence (timm's ``IMAGENET_DEFAULT_MEAN``) made float32
+    on the images' device. A zero in a sequence std is rejected here (a tensor std: ``_check_std``)."""
+    if value is None or isinstance(value, torch.Tensor):
+        return value
+    try:
+        values = tuple(float(v) for v in value)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{name} must be a tensor or a sequence of floats, one per channel; got {value!r}") from e
+    if name == "std" and 0.0 in values:
+        raise ValueError(f"std must be non-zero in every channel; channel {values.index(0.0)} is 0")
+    return torch.tensor(values, dtype=torch.float32, device=images.device)
+
+
+def _check_std(std: Optional[torch.Tensor]) -> None:
+    """As csrc/patch_embed.cpp: a zero in a CPU std is a ValueError; a CUDA std is not read (that
+    would sync the device on every call), nor one being traced by torch.compile."""
+    if std is None or std.device.type != "cpu" or torch.compiler.is_compiling():
+        return
+    zeros = (std.reshape(-1) == 0).nonzero()
+    if len(zeros):
+        raise ValueError(f"std must be non-zero in every channel; channel {int(zeros[0])} is 0")
+
+
 def _normalised(images, mean, std, dtype) -> torch.Tensor:
     """The float image the projection sees (before padding), as the reference computes it."""
     x = images.to(dtype)
@@ -103,6 +129,7 @@ def _padded(x: torch.Tensor, gh: int, gw: int, ph: int, pw: int) -> torch.Tensor
 
 
 def _reference(images, weight, bias, pos_embed, prefix_tokens, mean, std, pad) -> torch.Tensor:
+    _check_std(std)
     gh, gw = _grid(images, weight, pad)
     if (gh * weight.shape[-2], gw * weight.shape[-1]) != tuple(images.shape[-2:]):
         images = _padded(_normalised(images, mean, std, weight.dtype), gh, gw, *weight.shape[-2:])
@@ -112,13 +139,15 @@ def _reference(images, weight, bias, pos_embed, prefix_tokens, mean, std, pad) -
 
 def patch_embed(images: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None,
                 pos_embed: Optional[torch.Tensor] = None, prefix_tokens: Optional[torch.Tensor] = None,
-                mean: Optional[torch.Tensor] = None, std: Optional[torch.Tensor] = None, *,
-                pad: bool = False) -> torch.Tensor:
+                mean: Union[torch.Tensor, Sequence[float], None] = None,
+                std: Union[torch.Tensor, Sequence[float], None] = None, *, pad: bool = False) -> torch.Tensor:
     """(B, C, H, W) uint8 or float images -> (B, P + L, D) tokens in the weight's dtype.
 
     See ``reference.patch_embed``; ``pad=True`` pads right/bottom to whole patches (timm's
-    ``dynamic_img_pad``) with zeros after normalisation.
+    ``dynamic_img_pad``) with zeros after normalisation. ``mean``/``std`` are tensors or
+    sequences of C floats (see ``_channel_vector``).
     """
+    mean, std = _channel_vector("mean", mean, images), _channel_vector("std", std, images)
     _check(images, weight, bias, pos_embed, prefix_tokens, mean, std, pad)
     if backend.get_backend() != "torch" and _use_extension(images.device.type):
         return torch.ops.vit_kernels.patch_embed.default(images, weight, bias, pos_embed, prefix_tokens,
@@ -157,7 +186,7 @@ def _backward(ctx, grad: torch.Tensor):
         xn = _normalised(images, mean, std, weight.dtype)
     if needs[1]:
         patches = _padded(xn, gh, gw, ph, pw).reshape(B, C, gh, ph, gw, pw).permute(0, 2, 4, 1, 3, 5)
-        d_weight = (g_patch.t() @ patches.reshape(B * gh * gw, -1)).reshape(weight.shape)
+        d_weight = (g_patch.t() @ patches.reshape(B * gh * gw, C * ph * pw)).reshape(weight.shape)
     if needs[0] or needs[5] or needs[6]:
         d_xn = (g_patch @ weight.reshape(D, -1)).reshape(B, gh, gw, C, ph, pw).permute(0, 3, 1, 4, 2, 5)
         d_xn = d_xn.reshape(B, C, gh * ph, gw * pw)[:, :, :H, :W]

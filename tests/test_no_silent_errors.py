@@ -1,0 +1,337 @@
+"""Regression tests of issue #13: inputs that once gave a silently wrong answer, an out-of-bounds
+read or a crash deep inside; each now computes the right result or raises a clear error."""
+import importlib
+import os
+import subprocess
+import sys
+import threading
+
+import pytest
+import torch
+from torch import nn
+
+import vit_kernels as vk
+from vit_kernels import backend, reference
+from vit_kernels.kernels import attention as attention_kernels
+
+from .utils import assert_within_pytorch_error, poisoned_allocations
+
+attention_ops = importlib.import_module("vit_kernels.ops.attention")
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+needs_interpreter = pytest.mark.skipif(not backend.interpreter_enabled(), reason="the Triton interpreter's limits")
+
+
+def _exact_and_baseline(fn, leaves, grad_outs):
+    """[outputs..., grads of leaves...] of fn in float64 (exact) and in the leaves' dtype (PyTorch)."""
+    results = []
+    for cast in (torch.Tensor.double, lambda t: t):
+        inputs = [cast(t.detach()).requires_grad_() for t in leaves]
+        outs = fn(*inputs)
+        grads = torch.autograd.grad(outs, inputs, [g.to(o.dtype) for g, o in zip(grad_outs, outs)])
+        results.append([*outs, *grads])
+    return results
+
+
+def _check(names, fn_kernel, fn_reference, leaves):
+    """fn_kernel on the kernel path (poisoned allocations) against fn_reference in float64."""
+    with torch.no_grad():
+        grad_outs = [torch.randn_like(o) for o in fn_reference(*[t.double() for t in leaves])]
+    exact, baseline = _exact_and_baseline(fn_reference, leaves, grad_outs)
+    inputs = [t.detach().requires_grad_() for t in leaves]
+    with vk.use_backend("triton"), poisoned_allocations():
+        outs = fn_kernel(*inputs)
+        actual = [*outs, *torch.autograd.grad(outs, inputs, [g.to(o.dtype) for g, o in zip(grad_outs, outs)])]
+    for name, a, b, e in zip(names, actual, baseline, exact):
+        assert_within_pytorch_error(name, a, b, e)
+
+
+# --- 1. strided, expanded and offset 1-D parameters -------------------------------------------------
+
+def _views(base: torch.Tensor, width: int):
+    """Three non-contiguous (width,) views of ``base``: stepped, expanded (stride 0), offset."""
+    return {"stepped": base[: 2 * width : 2], "expanded": base[:1].expand(width), "offset": base[1 : width + 1]}
+
+
+@pytest.mark.parametrize("view", ["stepped", "expanded", "offset"])
+@pytest.mark.parametrize("param", ["weight", "bias", "gamma", "row_scale"])
+def test_add_layer_norm_strided_parameters(param, view):
+    # row_scale's gradient has one element per sample: enough samples for the numerics rule.
+    B, N, C = (40, 3, 40) if param == "row_scale" else (3, 11, 40)
+    x, residual = torch.randn(B, N, C, device=DEVICE), torch.randn(B, N, C, device=DEVICE)
+    size = B if param == "row_scale" else C
+    base = (1 + 0.3 * torch.randn(2 * size + 1, device=DEVICE))
+
+    def op(impl):
+        def run(x, residual, base):
+            params = dict(weight=None, bias=None, gamma=None, row_scale=None)
+            params[param] = _views(base, size)[view]
+            return impl(x, residual, params["weight"], params["bias"], 1e-6, params["gamma"], params["row_scale"])
+        return run
+
+    _check(["normed", "new_residual", "dx", "dresidual", f"d{param} (through the view)"],
+           op(vk.ops.add_layer_norm), op(reference.add_layer_norm), [x, residual, base])
+
+
+@pytest.mark.parametrize("view", ["stepped", "expanded", "offset"])
+@pytest.mark.parametrize("activation", ["none", "gelu"])
+def test_linear_strided_bias(activation, view):
+    x, weight = torch.randn(5, 33, 32, device=DEVICE), torch.randn(24, 32, device=DEVICE) / 32 ** 0.5
+    base = torch.randn(49, device=DEVICE)
+
+    def op(impl):
+        def run(x, weight, base):
+            bias = _views(base, 24)[view]
+            return (impl(x, weight, bias),) if activation == "none" else (impl(x, weight, bias, activation),)
+        return run
+
+    kernel, ref = (vk.ops.linear, reference.linear) if activation == "none" else \
+        (vk.ops.linear_gelu, reference.linear_gelu)
+    _check(["out", "dx", "dweight", "dbias (through the view)"], op(kernel), op(ref), [x, weight, base])
+
+
+def _layer_norm_with(weight: torch.Tensor, bias: torch.Tensor) -> nn.LayerNorm:
+    """nn.LayerNorm over weight's width whose weight and bias are the given tensors (any views)."""
+    norm = nn.LayerNorm(weight.shape[0], device="meta")
+    del norm.weight, norm.bias
+    norm.weight, norm.bias = weight, bias
+    return norm
+
+
+@pytest.mark.parametrize("view", ["stepped", "expanded", "offset"])
+def test_qk_norm_strided_parameters(view):
+    B, N, H, D = 2, 37, 2, 32
+    qkv = torch.randn(B, N, 3 * H * D, device=DEVICE)
+    bases = [1 + 0.3 * torch.randn(2 * D + 1, device=DEVICE), 0.3 * torch.randn(2 * D + 1, device=DEVICE),
+             1 + 0.3 * torch.randn(2 * D + 1, device=DEVICE), 0.3 * torch.randn(2 * D + 1, device=DEVICE)]
+
+    def op(impl):
+        def run(qkv, qw, qb, kw, kb):
+            q_norm = _layer_norm_with(_views(qw, D)[view], _views(qb, D)[view])
+            # The k-norm's bias stays stepped: one bias added to every key shifts each row's scores
+            # by a constant, so the gradient of an expanded (shared) k bias is exactly 0 and its
+            # error only rounding noise of a cancellation.
+            k_norm = _layer_norm_with(_views(kw, D)[view], _views(kb, D)["stepped"])
+            return (impl(qkv, H, q_norm=q_norm, k_norm=k_norm),)
+        return run
+
+    _check(["out", "dqkv", "dq_norm weight", "dq_norm bias", "dk_norm weight", "dk_norm bias"],
+           op(vk.ops.qkv_attention), op(reference.qkv_attention), [qkv, *bases])
+
+
+# --- 2. the qk-norm partial sums do not depend on which configs ran before --------------------------
+
+class _ConfigsInSequence:
+    """Stands in for an autotuned backward kernel: runs the jitted kernel once per config on the
+    same arguments, as the autotuner's trials do before the winner's run (the last config)."""
+
+    def __init__(self, autotuned, configs):
+        self.fn, self.configs = autotuned.fn, configs
+
+    def __getitem__(self, grid):
+        def run(*args, **kwargs):
+            for config in self.configs:
+                meta = dict(kwargs, **config)
+                self.fn[grid(meta)](*args, **meta)
+        return run
+
+
+@pytest.mark.skipif(DEVICE == "cuda", reason="calls the jitted kernels directly, as the interpreter runs them")
+@pytest.mark.parametrize("blocks", [(64, 128), (128, 64)], ids=["small-then-large", "large-then-small"])
+def test_qk_norm_gradients_whatever_configs_ran_before(monkeypatch, blocks):
+    for kernel, block in (("_attention_bwd_dkdv", "BLOCK_N"), ("_attention_bwd_dq", "BLOCK_M")):
+        configs = [{"BLOCK_M": 64, "BLOCK_N": 64, block: size} for size in blocks]
+        monkeypatch.setattr(attention_kernels, kernel,
+                            _ConfigsInSequence(getattr(attention_kernels, kernel), configs))
+    B, N, H, D = 1, 197, 2, 32  # 197 rows: 4 slots of 64, 2 blocks of 128
+    qkv = torch.randn(B, N, 3 * H * D, device=DEVICE)
+    q_norm = _layer_norm_with(1 + 0.3 * torch.randn(D), 0.3 * torch.randn(D))
+    k_norm = _layer_norm_with(1 + 0.3 * torch.randn(D), 0.3 * torch.randn(D))
+
+    def op(impl):
+        def run(qkv, qw, qb, kw, kb):
+            return (impl(qkv, H, q_norm=_layer_norm_with(qw, qb), k_norm=_layer_norm_with(kw, kb)),)
+        return run
+
+    _check(["out", "dqkv", "dq_norm weight", "dq_norm bias", "dk_norm weight", "dk_norm bias"],
+           op(vk.ops.qkv_attention), op(reference.qkv_attention),
+           [qkv, q_norm.weight, q_norm.bias, k_norm.weight, k_norm.bias])
+
+
+# --- 3. bfloat16 dots in the interpreter are refused, not computed wrongly -------------------------
+
+@needs_interpreter
+def test_bfloat16_dots_refused_in_interpreter():
+    x, w = torch.randn(4, 32, dtype=torch.bfloat16), torch.randn(16, 32, dtype=torch.bfloat16)
+    q = torch.randn(1, 2, 8, 32, dtype=torch.bfloat16)
+    model = vk.create_model("vit_tiny_patch16_224", img_size=32, depth=1)
+    calls = {"linear": lambda: vk.ops.linear(x, w), "linear_gelu": lambda: vk.ops.linear_gelu(x, w),
+             "attention": lambda: vk.ops.attention(q, q, q),
+             "qkv_attention": lambda: vk.ops.qkv_attention(torch.randn(1, 8, 96, dtype=torch.bfloat16), 1)}
+    with vk.use_backend("triton"):
+        for op, call in calls.items():
+            with pytest.raises(RuntimeError, match=f"{op}: bfloat16 on the Triton interpreter"):
+                call()
+        with torch.autocast("cpu", dtype=torch.bfloat16), pytest.raises(RuntimeError, match="bfloat16"):
+            model(torch.randn(1, 3, 32, 32))
+    # The reference computes them.
+    with vk.use_backend("torch"):
+        assert torch.isfinite(vk.ops.linear(x, w)).all()
+
+
+# --- 4. add_layer_norm: the same function as PyTorch's LayerNorm on every input ----------------------
+
+@pytest.mark.parametrize("width", [3, 197, 768, 1000, 5000])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_add_layer_norm_constant_rows_are_exact(width, dtype):
+    x = torch.full((5, width), 100.3, device=DEVICE, dtype=dtype)
+    residual = torch.full((5, width), -3.7, device=DEVICE, dtype=dtype)
+    bias = torch.randn(width, device=DEVICE, dtype=dtype)
+    with vk.use_backend("triton"), poisoned_allocations():
+        normed, _ = vk.ops.add_layer_norm(x, residual, None, bias, eps=1e-6)
+    assert torch.equal(normed, bias.expand_as(normed))  # (h - mean) is exactly 0, as in PyTorch
+
+
+def test_add_layer_norm_overflowed_variance_is_nan():
+    x = torch.randn(4, 32, device=DEVICE) * 1e30  # (h - mean)^2 overflows float32
+    with vk.use_backend("triton"):
+        normed, _ = vk.ops.add_layer_norm(x, None, None, torch.ones(32, device=DEVICE))
+    assert torch.isnan(normed).all()
+    assert torch.isnan(torch.nn.functional.layer_norm(x, (32,), None, torch.ones(32, device=DEVICE))).all()
+
+
+# --- 5, 6. the backend choice: per thread, and clear errors from the environment ---------------------
+
+def test_use_backend_is_per_thread():
+    default = vk.get_backend()
+    entered, release = threading.Event(), threading.Event()
+    seen = {}
+
+    def holder():
+        with vk.use_backend("torch"):
+            seen["holder"] = vk.get_backend()
+            entered.set()
+            release.wait(10)
+        seen["holder after"] = vk.get_backend()
+
+    thread = threading.Thread(target=holder)
+    thread.start()
+    entered.wait(10)
+    seen["other"] = vk.get_backend()  # while the holder is inside its block
+    with vk.use_backend("triton"):
+        release.set()
+        thread.join(10)
+        seen["other inside"] = vk.get_backend()  # the holder's exit does not touch this thread
+    assert seen == {"holder": "torch", "other": default, "other inside": "triton", "holder after": default}
+    assert vk.get_backend() == default
+
+
+def test_set_backend_is_the_default_under_use_backend():
+    default = vk.get_backend()
+    try:
+        with vk.use_backend("torch"):
+            vk.set_backend("triton")
+            assert vk.get_backend() == "torch"  # the block's choice wins inside it
+        assert vk.get_backend() == "triton"
+    finally:
+        vk.set_backend(default)
+
+
+def _python(code: str, **env) -> subprocess.CompletedProcess:
+    environment = {k: v for k, v in os.environ.items() if k not in ("VIT_KERNELS_BACKEND", "TRITON_INTERPRET")}
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          env={**environment, **env}, timeout=300)
+
+
+def test_bad_backend_environment_variable_is_named():
+    result = _python("import vit_kernels", VIT_KERNELS_BACKEND="bogus")
+    assert result.returncode != 0
+    assert "VIT_KERNELS_BACKEND='bogus'" in result.stderr and "'auto'" in result.stderr
+
+
+@pytest.mark.skipif(DEVICE == "cuda", reason="CPU tensors")
+def test_interpreter_enabled_after_import_is_a_clear_error():
+    result = _python("import os, torch, vit_kernels as vk\n"
+                     "os.environ['TRITON_INTERPRET'] = '1'\n"
+                     "with vk.use_backend('triton'):\n"
+                     "    vk.ops.add_layer_norm(torch.randn(2, 8), None, None, None)")
+    assert result.returncode != 0
+    assert "TRITON_INTERPRET=1 was set after vit_kernels was imported" in result.stderr, result.stderr[-2000:]
+
+
+# --- 7. empty and impossible attention shapes ---------------------------------------------------------
+
+@pytest.mark.parametrize("backend_name", ["triton", "torch"])
+@pytest.mark.parametrize("shape", [(0, 5), (2, 0)], ids=["B0", "N0"])
+def test_qkv_attention_empty(backend_name, shape):
+    qkv = torch.randn(*shape, 3 * 2 * 16, device=DEVICE, requires_grad=True)
+    with vk.use_backend(backend_name):
+        out = vk.ops.qkv_attention(qkv, num_heads=2)
+        out.sum().backward()
+    assert out.shape == (*shape, 32) and qkv.grad.shape == qkv.shape
+
+
+@pytest.mark.parametrize("backend_name", ["triton", "torch"])
+def test_attention_without_head_dim_is_a_value_error(backend_name):
+    with vk.use_backend(backend_name), pytest.raises(ValueError, match="head dim .* must be >= 1; got 0"):
+        vk.ops.attention(*torch.randn(3, 1, 2, 4, 0, device=DEVICE))
+    with vk.use_backend(backend_name), pytest.raises(ValueError, match="head dim .* must be >= 1; got 0"):
+        vk.ops.qkv_attention(torch.randn(1, 4, 0, device=DEVICE), num_heads=2)
+
+
+# --- 9. double backward and float64: one rule for every op ------------------------------------------
+
+def _kernel_ops():
+    """Every kernel op as a callable of float inputs of ``dtype`` that require grad."""
+    def inputs(dtype):
+        x = torch.randn(2, 40, 32, device=DEVICE, dtype=dtype, requires_grad=True)
+        w = (torch.randn(24, 32, device=DEVICE, dtype=dtype) / 32 ** 0.5).requires_grad_()
+        qkv = torch.randn(2, 40, 96, device=DEVICE, dtype=dtype, requires_grad=True)
+        return x, w, qkv
+    return {
+        "add_layer_norm": lambda x, w, qkv: vk.ops.add_layer_norm(x, x, w[0], None)[0],
+        "linear": lambda x, w, qkv: vk.ops.linear(x, w),
+        "linear_gelu": lambda x, w, qkv: vk.ops.linear_gelu(x, w),
+        "attention": lambda x, w, qkv: vk.ops.attention(*qkv.unflatten(-1, (3, 1, 32)).permute(2, 0, 3, 1, 4)),
+        "qkv_attention": lambda x, w, qkv: vk.ops.qkv_attention(qkv, 1),
+    }, inputs
+
+
+@pytest.mark.parametrize("op", list(_kernel_ops()[0]))
+def test_double_backward_is_refused_with_the_op_name(op):
+    fn, inputs = _kernel_ops()
+    x, w, qkv = inputs(torch.float32)
+    with vk.use_backend("triton"):
+        out = fn[op](x, w, qkv)
+        with pytest.raises(RuntimeError, match=rf"vit_kernels.ops.{op}: double backward .*use_backend\('torch'\)"):
+            torch.autograd.grad(out.square().sum(), [x, w, qkv], create_graph=True, allow_unused=True)
+    with vk.use_backend("torch"):  # what the message says to do
+        out = fn[op](x, w, qkv)
+        grads = torch.autograd.grad(out.square().sum(), [x, w, qkv], create_graph=True, allow_unused=True)
+        used = [g for g in grads if g is not None]
+        torch.autograd.grad(sum(g.square().sum() for g in used), [x, w, qkv], allow_unused=True)
+
+
+@pytest.mark.parametrize("op", list(_kernel_ops()[0]))
+def test_float64_runs_the_reference_on_every_backend(op):
+    fn, inputs = _kernel_ops()
+    args = inputs(torch.float64)
+    with vk.use_backend("torch"):
+        expected = fn[op](*args)
+    with vk.use_backend("triton"):
+        assert torch.equal(fn[op](*args), expected)
+
+
+# --- 10. dtype mixes the docstring allows, on both backends --------------------------------------------
+
+@pytest.mark.parametrize("backend_name", ["triton", "torch"])
+def test_add_layer_norm_mixed_dtypes(backend_name):
+    x, residual = torch.randn(4, 40, device=DEVICE).half(), torch.randn(4, 40, device=DEVICE)
+    weight, bias = torch.randn(40, device=DEVICE).half(), torch.randn(40, device=DEVICE)
+    exact_normed, exact_residual = reference.add_layer_norm(x.double(), residual.double(), weight.double(),
+                                                            bias.double())
+    with vk.use_backend(backend_name):
+        normed, new_residual = vk.ops.add_layer_norm(x, residual, weight, bias)
+    assert normed.dtype == torch.float16 and new_residual.dtype == torch.float32
+    torch.testing.assert_close(new_residual.double(), exact_residual, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(normed.double(), exact_normed, rtol=2e-3, atol=2e-3)
