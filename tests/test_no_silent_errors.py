@@ -1,6 +1,5 @@
 """Regression tests of issue #13: inputs that once gave a silently wrong answer, an out-of-bounds
 read or a crash deep inside; each now computes the right result or raises a clear error."""
-import importlib
 import os
 import subprocess
 import sys
@@ -16,7 +15,6 @@ from vit_kernels.kernels import attention as attention_kernels
 
 from .utils import assert_within_pytorch_error, poisoned_allocations
 
-attention_ops = importlib.import_module("vit_kernels.ops.attention")
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 needs_interpreter = pytest.mark.skipif(not backend.interpreter_enabled(), reason="the Triton interpreter's limits")
@@ -310,6 +308,18 @@ def test_double_backward_is_refused_with_the_op_name(op):
         grads = torch.autograd.grad(out.square().sum(), [x, w, qkv], create_graph=True, allow_unused=True)
         used = [g for g in grads if g is not None]
         torch.autograd.grad(sum(g.square().sum() for g in used), [x, w, qkv], allow_unused=True)
+
+
+def test_patch_embed_double_backward_matches_the_reference():
+    # Its backward is PyTorch ops on the saved inputs, so autograd differentiates it again.
+    x = torch.randn(2, 3, 8, 12, device=DEVICE, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(5, 3, 4, 4, device=DEVICE, dtype=torch.float64, requires_grad=True)
+    second = []
+    for fn in (vk.ops.patch_embed, reference.patch_embed):
+        gx, gw = torch.autograd.grad(fn(x, w).square().sum(), [x, w], create_graph=True)
+        second.append(torch.autograd.grad(gx.square().sum() + gw.square().sum(), [x, w]))
+    for ours, theirs in zip(*second):
+        torch.testing.assert_close(ours, theirs)
 
 
 @pytest.mark.parametrize("op", list(_kernel_ops()[0]))

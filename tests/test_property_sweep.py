@@ -15,7 +15,6 @@ derandomised: CI runs the same ones every time.
 """
 from __future__ import annotations
 
-import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -201,3 +200,34 @@ def test_qkv_attention_sweep(data, seed):
         return run
 
     _check(case, ["out"], op(vk.ops.qkv_attention), op(reference.qkv_attention))
+
+
+@SWEEP
+@given(data=st.data(), seed=st.integers(0, 2**31 - 1))
+def test_patch_embed_sweep(data, seed):
+    """The extension (the kernel path of patch_embed) against float64; float images (uint8 ones
+    cannot carry a gradient: the fixed-size tests cover them)."""
+    case = Case(data, seed)
+    B, C = data.draw(st.sampled_from([0, 1, 2]), label="B"), data.draw(st.sampled_from([1, 3]), label="C")
+    ph, pw = data.draw(st.sampled_from([(4, 4), (2, 3)]), label="patch")
+    gh, gw = data.draw(st.sampled_from([(1, 1), (3, 2)]), label="grid")
+    D = data.draw(st.sampled_from([8, 40]), label="D")
+    dtype = data.draw(st.sampled_from([torch.float32, torch.float16, torch.bfloat16]), label="weight dtype")
+    P = data.draw(st.sampled_from([0, 1, 2]), label="prefix tokens")
+    case.tensor("images", (B, C, gh * ph, gw * pw), torch.float32)
+    case.tensor("weight", (D, C, ph, pw), dtype, scale=(C * ph * pw) ** -0.5)
+    if data.draw(st.booleans(), label="bias"):
+        case.tensor("bias", (D,), dtype)
+    if P:
+        case.tensor("prefix_tokens", (1, P, D), dtype)
+    if data.draw(st.booleans(), label="pos_embed"):
+        # Over every token, or over the patch tokens only (timm's no_embed_class).
+        case.tensor("pos_embed", (1, data.draw(st.sampled_from([P, 0])) + gh * gw, D), dtype)
+    if data.draw(st.booleans(), label="normalise"):
+        case.tensor("mean", (C,), torch.float32, scale=0.1, shift=0.5)
+        case.tensor("std", (C,), torch.float32, scale=0.05, shift=0.25)
+
+    def op(impl):
+        return lambda **tensors: (impl(**tensors),)
+
+    _check(case, ["tokens"], op(vk.ops.patch_embed), op(reference.patch_embed))

@@ -509,7 +509,8 @@ def list_models() -> List[str]:
 
 def create_model(model_name: str, pretrained: bool = False, checkpoint_path: Optional[str] = None,
                  **overrides) -> VisionTransformer:
-    """Build a timm-named ViT; ``checkpoint_path`` loads a .pth/.pt/.bin/.safetensors or .npz file.
+    """Build a timm-named ViT; ``checkpoint_path`` loads a safetensors, torch.save or JAX/Flax .npz
+    file, the format read from its content (not its name).
 
     Nothing is ever downloaded: ``pretrained=True`` needs a ``checkpoint_path``.
     """
