@@ -7,13 +7,12 @@ import threading
 
 import pytest
 import torch
-from torch import nn
 
 import vit_kernels as vk
 from vit_kernels import backend, reference
 from vit_kernels.kernels import attention as attention_kernels
 
-from .utils import assert_within_pytorch_error, poisoned_allocations
+from .utils import assert_within_pytorch_error, layer_norm_with, poisoned_allocations
 
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -88,14 +87,6 @@ def test_linear_strided_bias(activation, view):
     _check(["out", "dx", "dweight", "dbias (through the view)"], op(kernel), op(ref), [x, weight, base])
 
 
-def _layer_norm_with(weight: torch.Tensor, bias: torch.Tensor) -> nn.LayerNorm:
-    """nn.LayerNorm over weight's width whose weight and bias are the given tensors (any views)."""
-    norm = nn.LayerNorm(weight.shape[0], device="meta")
-    del norm.weight, norm.bias
-    norm.weight, norm.bias = weight, bias
-    return norm
-
-
 @pytest.mark.parametrize("view", ["stepped", "expanded", "offset"])
 def test_qk_norm_strided_parameters(view):
     B, N, H, D = 2, 37, 2, 32
@@ -105,11 +96,11 @@ def test_qk_norm_strided_parameters(view):
 
     def op(impl):
         def run(qkv, qw, qb, kw, kb):
-            q_norm = _layer_norm_with(_views(qw, D)[view], _views(qb, D)[view])
+            q_norm = layer_norm_with(_views(qw, D)[view], _views(qb, D)[view])
             # The k-norm's bias stays stepped: one bias added to every key shifts each row's scores
             # by a constant, so the gradient of an expanded (shared) k bias is exactly 0 and its
             # error only rounding noise of a cancellation.
-            k_norm = _layer_norm_with(_views(kw, D)[view], _views(kb, D)["stepped"])
+            k_norm = layer_norm_with(_views(kw, D)[view], _views(kb, D)["stepped"])
             return (impl(qkv, H, q_norm=q_norm, k_norm=k_norm),)
         return run
 
@@ -143,12 +134,12 @@ def test_qk_norm_gradients_whatever_configs_ran_before(monkeypatch, blocks):
                             _ConfigsInSequence(getattr(attention_kernels, kernel), configs))
     B, N, H, D = 1, 197, 2, 32  # 197 rows: 4 slots of 64, 2 blocks of 128
     qkv = torch.randn(B, N, 3 * H * D, device=DEVICE)
-    q_norm = _layer_norm_with(1 + 0.3 * torch.randn(D), 0.3 * torch.randn(D))
-    k_norm = _layer_norm_with(1 + 0.3 * torch.randn(D), 0.3 * torch.randn(D))
+    q_norm = layer_norm_with(1 + 0.3 * torch.randn(D), 0.3 * torch.randn(D))
+    k_norm = layer_norm_with(1 + 0.3 * torch.randn(D), 0.3 * torch.randn(D))
 
     def op(impl):
         def run(qkv, qw, qb, kw, kb):
-            return (impl(qkv, H, q_norm=_layer_norm_with(qw, qb), k_norm=_layer_norm_with(kw, kb)),)
+            return (impl(qkv, H, q_norm=layer_norm_with(qw, qb), k_norm=layer_norm_with(kw, kb)),)
         return run
 
     _check(["out", "dqkv", "dq_norm weight", "dq_norm bias", "dk_norm weight", "dk_norm bias"],

@@ -18,12 +18,11 @@ from __future__ import annotations
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from torch import nn
 
 import vit_kernels as vk
 from vit_kernels import backend, reference
 
-from .utils import MIN_SAMPLES, assert_within_pytorch_error, poisoned_allocations
+from .utils import MIN_SAMPLES, assert_within_pytorch_error, layer_norm_with, poisoned_allocations
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 LAYOUTS = ("contiguous", "transposed", "stepped", "expanded", "offset")
@@ -170,14 +169,6 @@ def test_attention_sweep(data, seed):
     _check(case, ["out"], op(vk.ops.attention), op(reference.attention))
 
 
-def _layer_norm(weight: torch.Tensor, bias: torch.Tensor, eps: float) -> nn.LayerNorm:
-    """nn.LayerNorm whose weight and bias are the given tensors (views, gradients tracked)."""
-    norm = nn.LayerNorm(weight.shape[0], eps=eps, device="meta")
-    del norm.weight, norm.bias
-    norm.weight, norm.bias = weight, bias
-    return norm
-
-
 @SWEEP
 @given(data=st.data(), seed=st.integers(0, 2**31 - 1))
 def test_qkv_attention_sweep(data, seed):
@@ -194,8 +185,8 @@ def test_qkv_attention_sweep(data, seed):
 
     def op(impl):
         def run(qkv, q_weight=None, q_bias=None, k_weight=None, k_bias=None):
-            q_norm = None if q_weight is None else _layer_norm(q_weight, q_bias, 1e-6)
-            k_norm = None if k_weight is None else _layer_norm(k_weight, k_bias, 1e-5)
+            q_norm = None if q_weight is None else layer_norm_with(q_weight, q_bias, 1e-6)
+            k_norm = None if k_weight is None else layer_norm_with(k_weight, k_bias, 1e-5)
             return (impl(qkv, H, q_norm=q_norm, k_norm=k_norm),)
         return run
 

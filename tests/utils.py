@@ -94,3 +94,12 @@ def poisoned_allocations() -> Iterator[None]:
         yield
     finally:
         torch.empty, torch.empty_like, torch.Tensor.new_empty = originals
+
+
+def layer_norm_with(weight: torch.Tensor, bias: torch.Tensor, eps: float = 1e-5) -> torch.nn.LayerNorm:
+    """nn.LayerNorm over weight's width whose weight and bias are the given tensors: views of any
+    layout, or float64 copies, with their gradients tracked by the caller's leaves."""
+    norm = torch.nn.LayerNorm(weight.shape[0], eps=eps, device="meta")
+    del norm.weight, norm.bias
+    norm.weight, norm.bias = weight, bias
+    return norm
