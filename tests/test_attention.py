@@ -1,21 +1,14 @@
 """The Triton flash-attention kernels against the PyTorch reference (float64 oracle, 2x rule)."""
-import importlib
-import os
 
 import pytest
 import torch
+from torch import nn
 
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
+import vit_kernels as vk
+from vit_kernels import reference
+from vit_kernels.ops import _attention as attention_op
 
-from torch import nn  # noqa: E402
-
-import vit_kernels as vk  # noqa: E402
-from vit_kernels import reference  # noqa: E402
-# ops/__init__ re-exports the function under the module's name: fetch the module itself.
-attention_op = importlib.import_module("vit_kernels.ops.attention")
-
-from .utils import assert_within_pytorch_error, poisoned_allocations  # noqa: E402
+from .utils import assert_within_pytorch_error, poisoned_allocations
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -287,9 +280,9 @@ def test_triton_backend_on_cpu_needs_interpreter(monkeypatch):
 
 def test_implementation_tells_the_truth():
     with vk.use_backend("triton"):
-        assert attention_op.implementation(torch.device(DEVICE))[0] == "triton"
+        assert vk.ops.implementation("attention", DEVICE)[0] == "triton"
     with vk.use_backend("torch"):
-        assert attention_op.implementation(torch.device(DEVICE))[0] == "torch"
+        assert vk.ops.implementation("attention", DEVICE)[0] == "torch"
 
 
 # --- torch.library --------------------------------------------------------------------------------
@@ -300,13 +293,13 @@ def test_opcheck():
     w, b = torch.randn(2, D, device=DEVICE, requires_grad=True)
     q, k, v = (t.detach().requires_grad_() for t in reference.split_qkv(qkv, H))
     with vk.use_backend("triton"):
-        torch.library.opcheck(attention_op._qkv_attention_fwd, (qkv, H, D ** -0.5, 0.0, None, w, b, 1e-5,
+        torch.library.opcheck(attention_op.qkv_attention_fwd_op, (qkv, H, D ** -0.5, 0.0, None, w, b, 1e-5,
                                                                   None, None, 0.0))
-        torch.library.opcheck(attention_op._attention_fwd, (q, k, v, 0.3, 0.0, None, True))
+        torch.library.opcheck(attention_op.attention_fwd_op, (q, k, v, 0.3, 0.0, None, True))
         # The backward op has no derivative of its own (no double backward): plain tensors.
         qkv, w, b = qkv.detach(), w.detach(), b.detach()
-        out, lse = attention_op._qkv_attention_fwd(qkv, H, D ** -0.5, 0.0, None, w, b, 1e-5, None, None, 0.0)
-        torch.library.opcheck(attention_op._qkv_attention_bwd, (torch.randn_like(out), qkv, out, lse, H,
+        out, lse = attention_op.qkv_attention_fwd_op(qkv, H, D ** -0.5, 0.0, None, w, b, 1e-5, None, None, 0.0)
+        torch.library.opcheck(attention_op.qkv_attention_bwd_op, (torch.randn_like(out), qkv, out, lse, H,
                                                                   D ** -0.5, 0.0, None, w, b, 1e-5, None, None, 0.0))
 
 

@@ -15,7 +15,7 @@ import vit_kernels as vk
 from vit_kernels import backend
 
 pytest.importorskip("triton")
-from vit_kernels.compile_report import report, sm90  # noqa: E402
+from vit_kernels.compile_report import report, sm90
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -1,22 +1,14 @@
 """vk.ops.linear / vk.ops.linear_gelu (the Triton GEMM) against float64, with PyTorch's own error as the bar."""
-import importlib
-import os
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
+import vit_kernels as vk
+from vit_kernels import reference
 
-from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
+from .utils import assert_within_pytorch_error, poisoned_allocations
 
-import vit_kernels as vk  # noqa: E402
-from vit_kernels import reference  # noqa: E402
-
-from .utils import assert_within_pytorch_error, poisoned_allocations  # noqa: E402
-
-# The module, not the function of the same name that vit_kernels.ops exports.
-linear_gelu_ops = importlib.import_module("vit_kernels.ops.linear_gelu")
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 ACTIVATIONS = ("none",) + reference.ACTIVATIONS
@@ -197,7 +189,7 @@ class _SavePreSpy(TorchDispatchMode):
         self.save_pre = []
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if func is torch.ops.vit_kernels.linear_act.default:
+        if func is torch.ops.vit_kernels.linear_act_fwd.default:
             self.save_pre.append(args[4])
         return func(*args, **(kwargs or {}))
 
@@ -216,7 +208,7 @@ def test_pre_activation_kept_only_for_a_backward(grad_mode, recompute):
 def test_saved_pre_activation():
     x, w, b = _inputs((5,), 32, 64, torch.float32, requires_grad=False)
     with vk.use_backend("triton"):
-        out, pre = torch.ops.vit_kernels.linear_act(x, w, b, "gelu", True)
+        out, pre = torch.ops.vit_kernels.linear_act_fwd(x, w, b, "gelu", True)
     exact = reference.linear(x.double(), w.double(), b.double())
     assert_within_pytorch_error("pre", pre, reference.linear(x, w, b), exact)
     assert_within_pytorch_error("out", out, reference.linear_gelu(x, w, b), reference.activation(exact, "gelu"))
@@ -251,9 +243,9 @@ def test_float64_runs_the_reference():
 
 def test_implementation_reports_triton():
     with vk.use_backend("triton"):
-        assert linear_gelu_ops.implementation(torch.device(DEVICE))[0] == "triton"
+        assert vk.ops.implementation("linear_gelu", DEVICE)[0] == "triton"
     with vk.use_backend("torch"):
-        assert linear_gelu_ops.implementation(torch.device(DEVICE))[0] == "torch"
+        assert vk.ops.implementation("linear_gelu", DEVICE)[0] == "torch"
 
 
 # test_aot_dispatch_dynamic traces the triton_op's body into a graph (as torch.compile does);
@@ -268,11 +260,11 @@ def test_opcheck(save_pre):
     grad = torch.randn(20, 40, device=DEVICE)
     pre = (x @ w.t() + b).detach() if save_pre else x.new_empty(0)
     for op, args in [
-        (torch.ops.vit_kernels.linear_act, (x, w, b, "gelu", save_pre)),
-        (torch.ops.vit_kernels.linear_act, (x, w, None, "none", save_pre)),
-        (torch.ops.vit_kernels.linear_act_backward,
+        (torch.ops.vit_kernels.linear_act_fwd, (x, w, b, "gelu", save_pre)),
+        (torch.ops.vit_kernels.linear_act_fwd, (x, w, None, "none", save_pre)),
+        (torch.ops.vit_kernels.linear_act_bwd,
          (grad, x.detach(), w.detach(), b.detach(), pre, "quick_gelu", True, True, True)),
-        (torch.ops.vit_kernels.linear_act_backward,
+        (torch.ops.vit_kernels.linear_act_bwd,
          (grad, x.detach(), w.detach(), None, x.new_empty(0), "none", False, True, False)),
     ]:
         torch.library.opcheck(op, args, test_utils=OPCHECK_UTILS)

@@ -5,20 +5,13 @@ the conversion and the fused residual stream, not the kernels (tests/test_optimi
 runs a tiny model on the kernels in the interpreter).
 """
 import logging
-import os
 
 import pytest
 import torch
+from torch import nn
 
-# pytest imports every test module in one process and triton reads TRITON_INTERPRET when the
-# kernels are first imported: set it here too, so tests/test_optimize_triton.py can interpret.
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-
-from torch import nn  # noqa: E402
-
-import vit_kernels as vk  # noqa: E402
-from vit_kernels.fused_block import FusedBlock  # noqa: E402
+import vit_kernels as vk
+from vit_kernels.fused_block import FusedBlock
 
 timm = pytest.importorskip("timm")
 

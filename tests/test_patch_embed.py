@@ -3,7 +3,6 @@
 CI builds the extension (.ci/build_extension.sh), so every test here that needs it fails,
 not skips, when it did not load.
 """
-import importlib
 import os
 import subprocess
 import sys
@@ -16,9 +15,9 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import vit_kernels as vk
 from vit_kernels import _extension, reference
+from vit_kernels.ops import _patch_embed as pe
 from tests.utils import MIN_SAMPLES, assert_within_pytorch_error
 
-pe = importlib.import_module("vit_kernels.ops.patch_embed")  # the module; vk.ops.patch_embed is the function
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 NAMES = ("images", "weight", "bias", "pos_embed", "prefix_tokens", "mean", "std")
@@ -195,7 +194,7 @@ class _OpLog(TorchDispatchMode):
 
 
 def test_dispatches_to_the_extension(monkeypatch):
-    assert pe.implementation("cpu")[0] == "extension"
+    assert vk.ops.implementation("patch_embed", "cpu")[0] == "extension"
     monkeypatch.setattr(pe, "_reference", lambda *a: pytest.fail("the reference ran instead of the extension"))
     case = make_case()
     with _OpLog() as log:
@@ -208,7 +207,7 @@ def test_dispatches_to_the_extension(monkeypatch):
 def test_backend_torch_runs_the_reference():
     case = make_case()
     with vk.use_backend("torch"), _OpLog() as log:
-        assert pe.implementation("cpu")[0] == "torch"
+        assert vk.ops.implementation("patch_embed", "cpu")[0] == "torch"
         out = vk.ops.patch_embed(**case)
     assert "vit_kernels.patch_embed.default" not in log.ops and "aten.convolution.default" in log.ops, log.ops
     torch.testing.assert_close(out, reference.patch_embed(**case))
@@ -231,7 +230,7 @@ def test_failed_build_falls_back_with_one_warning(monkeypatch, how):
         vk.ops.patch_embed(**case)
     torch.testing.assert_close(out, reference.patch_embed(**case))
     runtime = [w for w in caught if issubclass(w.category, RuntimeWarning)]
-    name, why = pe.implementation("cpu")
+    name, why = vk.ops.implementation("patch_embed", "cpu")
     assert name == "torch"
     if how == "disabled":
         assert not runtime and "VIT_KERNELS_EXTENSION=0" in why
@@ -249,7 +248,7 @@ def test_missing_device_kernel_falls_back_with_one_warning(monkeypatch):
         for _ in range(2):
             assert vk.ops.patch_embed(**case).shape == (2, 7, 40)
     assert len([w for w in caught if "has no meta kernel" in str(w.message)]) == 1
-    assert pe.implementation("meta")[0] == "torch"
+    assert vk.ops.implementation("patch_embed", "meta")[0] == "torch"
 
 
 def test_library_fragment_coexists_with_python_ops():
@@ -356,7 +355,7 @@ def test_pad_accepts_any_size_and_rejects_nothing_else():
 @pytest.mark.parametrize("prefix,pos", [(0, None), (1, "all"), (5, "patches")])
 def test_cuda_matches_reference(dtype, img_dtype, channels_last, patch, size, pad, prefix, pos):
     """Float images run in ``dtype`` (bf16 images with bf16 weights, ...)."""
-    assert pe.implementation("cuda")[0] == "extension", pe.implementation("cuda")
+    assert vk.ops.implementation("patch_embed", "cuda")[0] == "extension", vk.ops.implementation("patch_embed", "cuda")
     case = make_case(patch=patch, size=size, img_dtype=img_dtype, channels_last=channels_last, prefix=prefix,
                      pos=pos, device="cuda")
     check_against_reference(case, pad=pad, dtype=dtype)

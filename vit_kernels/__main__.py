@@ -9,7 +9,7 @@ import sys
 
 import torch
 
-from . import backend
+from . import backend, ops
 from . import bench as harness
 from .bench.ops import OPS
 
@@ -33,11 +33,7 @@ def info(_args) -> int:
     print(f"device   {device} ({name})")
     print(f"backend  {backend.get_backend()} (set with vk.set_backend or {backend.ENV_VAR})")
     for op in OPS:
-        module = importlib.import_module(f"vit_kernels.ops.{op}")
-        try:
-            impl, why = module.implementation(device)
-        except RuntimeError as error:
-            impl, why = "error", str(error)
+        impl, why = ops.implementation(op, device)
         print(f"  {op:<15} {impl:<10} {why}")
     return 0
 

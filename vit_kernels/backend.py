@@ -103,6 +103,15 @@ def float32_dots_on_kernels() -> bool:
     return interpreter_enabled()
 
 
+def dot_precision(dtype: torch.dtype) -> str:
+    """The ``input_precision`` of the kernels' dots: "ieee" for float32 when PyTorch's own float32
+    matmuls may not use TF32 (``torch.get_float32_matmul_precision() == "highest"``, the default),
+    else "tf32" (Triton's default, which 16-bit operands ignore). One rule for every op."""
+    if dtype == torch.float32 and torch.get_float32_matmul_precision() == "highest":
+        return "ieee"
+    return "tf32"
+
+
 # Looked up once: torch.compile cannot trace importlib (a graph break in every op under fullgraph).
 _TRITON_INSTALLED = importlib.util.find_spec("triton") is not None
 
@@ -168,9 +177,11 @@ def launcher(kernel):
     return kernel if isinstance(fn, InterpretedFunction) else wrap_triton(kernel)
 
 
-def kernel_op(name: str, fn: Optional[Callable] = None, *, schema: Optional[str] = None):
-    """Register ``fn``, whose body launches kernels through ``launcher``, as the op ``name``
-    (``@kernel_op(name)`` as a decorator).
+def kernel_op(name: str, fn: Optional[Callable] = None, *, schema: Optional[str] = None,
+              backward: Optional[Callable] = None, setup_context: Optional[Callable] = None):
+    """Register ``fn``, whose body launches kernels through ``launcher``, as the op ``name``, with
+    ``backward``/``setup_context`` as its autograd formula when given; returns the op, called like
+    ``fn`` (``@kernel_op(name, ...)`` as a decorator). Every Triton op registers through this.
 
     Compiled kernels: ``triton_op``, so torch.compile sees the launches inside (its fake
     implementation is ``fn`` itself, launches traced by ``wrap_triton``). Under the interpreter
@@ -181,18 +192,20 @@ def kernel_op(name: str, fn: Optional[Callable] = None, *, schema: Optional[str]
     from torch.library import custom_op, triton_op
 
     if fn is None:
-        return lambda fn: kernel_op(name, fn, schema=schema)
-    if not interpreter_enabled():
-        return triton_op(name, fn, mutates_args=(), schema=schema)
+        return lambda fn: kernel_op(name, fn, schema=schema, backward=backward, setup_context=setup_context)
+    if interpreter_enabled():
+        op = custom_op(name, fn, mutates_args=(), schema=schema)
 
-    def fake(*args, **kwargs):
-        if _recordings:  # already recording (the compile report): keep the launches
-            return fn(*args, **kwargs)
-        with record_launches():
-            return fn(*args, **kwargs)
-
-    op = custom_op(name, fn, mutates_args=(), schema=schema)
-    op.register_fake(fake)
+        @op.register_fake
+        def _fake(*args, **kwargs):
+            if _recordings:  # already recording (the compile report): keep the launches
+                return fn(*args, **kwargs)
+            with record_launches():
+                return fn(*args, **kwargs)
+    else:
+        op = triton_op(name, fn, mutates_args=(), schema=schema)
+    if backward is not None:
+        op.register_autograd(backward, setup_context=setup_context)
     return op
 
 
@@ -234,6 +247,29 @@ def kernel_choice(device: torch.device | str) -> tuple[str, str]:
             if late else "set TRITON_INTERPRET=1 before importing vit_kernels"))
 
 
-def use_triton(tensor: torch.Tensor) -> bool:
-    """Whether an op on ``tensor`` runs its Triton kernel (raises if 'triton' cannot)."""
-    return kernel_choice(tensor.device)[0] == "triton"
+def runs_kernels(op: str, t: torch.Tensor, *, dots: bool) -> bool:
+    """Whether ``op`` on ``t`` runs its Triton kernels; the one rule every op dispatches by.
+
+    The backend's choice (raises if 'triton' cannot run) for a non-empty tensor of a kernel dtype:
+    float64 and empty tensors run the reference. For ops with dot products (``dots``), float32
+    runs the reference outside the interpreter (``float32_dots_on_kernels``) and bfloat16 is
+    refused in it (``refuse_bfloat16_dots``)."""
+    if t.dtype not in KERNEL_DTYPES or t.numel() == 0 or kernel_choice(t.device)[0] != "triton":
+        return False
+    if dots and t.dtype == torch.float32 and not float32_dots_on_kernels():
+        return False
+    if dots:
+        refuse_bfloat16_dots(op, t.dtype)
+    return True
+
+
+def implementation(kernel: str, device: torch.device | str) -> tuple[str, str]:
+    """("triton" | "torch" | "unavailable", why) for an op whose kernel path runs ``kernel`` (a
+    description, e.g. "Triton flash attention"), on ``device`` under the current backend."""
+    try:
+        impl, why = kernel_choice(device)
+    except RuntimeError as error:
+        return "unavailable", str(error)
+    if impl == "triton":
+        return "triton", f"{kernel}; {why}"
+    return "torch", f"PyTorch reference; {why}"

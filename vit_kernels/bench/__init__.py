@@ -14,6 +14,7 @@ from typing import Optional, Sequence
 import torch
 
 from .. import backend
+from ..ops import implementation
 from .models import MODEL_MODES, MODEL_PROVIDERS, MODELS, ModelPair, batches_for, model_cases, valid_models
 from .ops import OP_MODES, OP_PROVIDERS, OPS, op_cases
 from .output import device_slug, metadata, plot, table, upsert_csv, write_json
@@ -250,9 +251,8 @@ def _allow_recompiles() -> None:
 
 
 def _impl(op: str, device: torch.device) -> str:
-    import importlib
     try:
-        return importlib.import_module(f"vit_kernels.ops.{op}").implementation(device)[0]
+        return implementation(op, device)[0]
     except Exception as error:  # the info line must not stop the run
         return f"unknown ({type(error).__name__})"
 

@@ -7,9 +7,7 @@ transpose copy) and the packed gradient is written straight into one (B, N, 3 * 
 
 Kernel-path limits: 16 <= head_dim <= 128, float16 / bfloat16 (float32 too in the interpreter; on
 a GPU float32 runs the reference, see ``backend.float32_dots_on_kernels``), q, k, v of one length.
-float32 inputs use TF32 dot products only when PyTorch's own float32 matmuls may
-(``torch.backends.cuda.matmul.allow_tf32``, i.e. ``torch.set_float32_matmul_precision`` below
-"highest"); otherwise full-precision fp32 dots.
+float32 dots take ``backend.dot_precision``: TF32 only where PyTorch's own float32 matmuls may.
 
 qk-norm: ``nn.LayerNorm(head_dim)`` modules (timm's ``qk_norm=True``) are fused into the kernel,
 forward and backward (their weight and bias get gradients). Any other norm module (RMSNorm, ...)
@@ -26,37 +24,23 @@ from torch import Tensor, nn
 
 from .. import backend, reference
 
-if backend.triton_installed():
+if backend.triton_installed():  # without triton, backend.runs_kernels picks the reference
     import triton
 
     from ..kernels import attention as kernels
-else:  # the ops below are only reached through the kernel path, which needs triton
-    triton = kernels = None
 
 
 LOG2E = math.log2(math.e)
 
 
-def implementation(device: torch.device) -> tuple[str, str]:
-    """Which implementation runs attention on ``device``, and why."""
-    impl, why = backend.kernel_choice(device)
-    if impl == "triton":
-        return "triton", f"Triton flash attention ({why})"
-    return "torch", f"PyTorch reference ({why})"
-
-
 # ---------------------------------------------------------------------------------------------
 # Launches. q, k, v, o, do, dq, dk, dv are (B, H, N, D) views with any strides.
-
-def _input_precision(dtype: torch.dtype) -> str:
-    return "tf32" if dtype != torch.float32 or torch.backends.cuda.matmul.allow_tf32 else "ieee"
-
 
 def _constants(q: Tensor, norms, dropout_p: float) -> dict:
     """The kernels' constexpr flags; ``norms`` is ((q_w, q_b, q_eps), (k_w, k_b, k_eps)), None w = no norm."""
     (qw, _, _), (kw, _, _) = norms
     return dict(HEAD_DIM=q.shape[-1], BLOCK_D=kernels.head_dim_block(q.shape[-1]), Q_NORM=qw is not None,
-                K_NORM=kw is not None, DROPOUT=dropout_p > 0, INPUT_PRECISION=_input_precision(q.dtype))
+                K_NORM=kw is not None, DROPOUT=dropout_p > 0, INPUT_PRECISION=backend.dot_precision(q.dtype))
 
 
 def _launch_fwd(q, k, v, o, lse, seed, scale, dropout_p, norms):
@@ -107,9 +91,8 @@ _NO_NORMS = ((None, None, 0.0), (None, None, 0.0))
 # ---------------------------------------------------------------------------------------------
 # torch.library ops: (q, k, v) strided and packed qkv, forward and backward.
 
-@backend.kernel_op("vit_kernels::attention_fwd")
-def _attention_fwd(q: Tensor, k: Tensor, v: Tensor, scale: float, dropout_p: float, seed: Optional[Tensor],
-                   packed_out: bool) -> tuple[Tensor, Tensor]:
+def _fwd(q: Tensor, k: Tensor, v: Tensor, scale: float, dropout_p: float, seed: Optional[Tensor],
+         packed_out: bool) -> tuple[Tensor, Tensor]:
     B, H, N, D = q.shape
     if packed_out:
         out = q.new_empty(B, N, H * D)
@@ -121,9 +104,8 @@ def _attention_fwd(q: Tensor, k: Tensor, v: Tensor, scale: float, dropout_p: flo
     return out, lse
 
 
-@backend.kernel_op("vit_kernels::attention_bwd")
-def _attention_bwd(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, scale: float,
-                   dropout_p: float, seed: Optional[Tensor], packed_out: bool) -> tuple[Tensor, Tensor, Tensor]:
+def _bwd(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, scale: float,
+         dropout_p: float, seed: Optional[Tensor], packed_out: bool) -> tuple[Tensor, Tensor, Tensor]:
     H = q.shape[1]
     do, o = (_heads(dout, H), _heads(out, H)) if packed_out else (dout, out)
     dq, dk, dv = q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
@@ -131,10 +113,9 @@ def _attention_bwd(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, l
     return dq, dk, dv
 
 
-@backend.kernel_op("vit_kernels::qkv_attention_fwd")
-def _qkv_attention_fwd(qkv: Tensor, num_heads: int, scale: float, dropout_p: float, seed: Optional[Tensor],
-                       q_weight: Optional[Tensor], q_bias: Optional[Tensor], q_eps: float,
-                       k_weight: Optional[Tensor], k_bias: Optional[Tensor], k_eps: float) -> tuple[Tensor, Tensor]:
+def _qkv_fwd(qkv: Tensor, num_heads: int, scale: float, dropout_p: float, seed: Optional[Tensor],
+             q_weight: Optional[Tensor], q_bias: Optional[Tensor], q_eps: float,
+             k_weight: Optional[Tensor], k_bias: Optional[Tensor], k_eps: float) -> tuple[Tensor, Tensor]:
     B, N, _ = qkv.shape
     q, k, v = _split(qkv, num_heads)
     out = qkv.new_empty(B, N, qkv.shape[-1] // 3)
@@ -144,12 +125,11 @@ def _qkv_attention_fwd(qkv: Tensor, num_heads: int, scale: float, dropout_p: flo
     return out, lse
 
 
-@backend.kernel_op("vit_kernels::qkv_attention_bwd")
-def _qkv_attention_bwd(dout: Tensor, qkv: Tensor, out: Tensor, lse: Tensor, num_heads: int, scale: float,
-                       dropout_p: float, seed: Optional[Tensor],
-                       q_weight: Optional[Tensor], q_bias: Optional[Tensor], q_eps: float,
-                       k_weight: Optional[Tensor], k_bias: Optional[Tensor],
-                       k_eps: float) -> tuple[Tensor, Tensor, Tensor]:
+def _qkv_bwd(dout: Tensor, qkv: Tensor, out: Tensor, lse: Tensor, num_heads: int, scale: float,
+             dropout_p: float, seed: Optional[Tensor],
+             q_weight: Optional[Tensor], q_bias: Optional[Tensor], q_eps: float,
+             k_weight: Optional[Tensor], k_bias: Optional[Tensor],
+             k_eps: float) -> tuple[Tensor, Tensor, Tensor]:
     """-> (dqkv (B, N, 3 * C), q-norm (dw, db) as (2, D) float32, k-norm (dw, db) as (2, D) float32)."""
     dqkv = qkv.new_empty(qkv.shape)
     q, k, v = _split(qkv, num_heads)
@@ -157,6 +137,10 @@ def _qkv_attention_bwd(dout: Tensor, qkv: Tensor, out: Tensor, lse: Tensor, num_
     q_grads, k_grads = _launch_bwd(_heads(dout, num_heads), q, k, v, _heads(out, num_heads), lse, dq, dk, dv,
                                    seed, scale, dropout_p, ((q_weight, q_bias, q_eps), (k_weight, k_bias, k_eps)))
     return dqkv, q_grads, k_grads
+
+
+attention_bwd_op = backend.kernel_op("vit_kernels::attention_bwd", _bwd)
+qkv_attention_bwd_op = backend.kernel_op("vit_kernels::qkv_attention_bwd", _qkv_bwd)
 
 
 def _attention_setup(ctx, inputs, output):
@@ -167,7 +151,7 @@ def _attention_setup(ctx, inputs, output):
 def _attention_backward(ctx, dout, _dlse):
     backend.refuse_double_backward("attention")
     q, k, v, out, lse, seed = ctx.saved_tensors
-    dq, dk, dv = _attention_bwd(dout, q, k, v, out, lse, ctx.scale, ctx.dropout_p, seed, ctx.packed_out)
+    dq, dk, dv = attention_bwd_op(dout, q, k, v, out, lse, ctx.scale, ctx.dropout_p, seed, ctx.packed_out)
     return dq, dk, dv, None, None, None, None
 
 
@@ -179,15 +163,17 @@ def _qkv_attention_setup(ctx, inputs, output):
 def _qkv_attention_backward(ctx, dout, _dlse):
     backend.refuse_double_backward("qkv_attention")
     qkv, out, lse, seed, qw, qb, kw, kb = ctx.saved_tensors
-    dqkv, q_grads, k_grads = _qkv_attention_bwd(dout, qkv, out, lse, ctx.num_heads, ctx.scale, ctx.dropout_p,
-                                                seed, qw, qb, ctx.q_eps, kw, kb, ctx.k_eps)
+    dqkv, q_grads, k_grads = qkv_attention_bwd_op(dout, qkv, out, lse, ctx.num_heads, ctx.scale, ctx.dropout_p,
+                                                  seed, qw, qb, ctx.q_eps, kw, kb, ctx.k_eps)
     q_w, q_b = (None, None) if qw is None else (q_grads[0].to(qw.dtype), q_grads[1].to(qb.dtype))
     k_w, k_b = (None, None) if kw is None else (k_grads[0].to(kw.dtype), k_grads[1].to(kb.dtype))
     return dqkv, None, None, None, None, q_w, q_b, None, k_w, k_b, None
 
 
-_attention_fwd.register_autograd(_attention_backward, setup_context=_attention_setup)
-_qkv_attention_fwd.register_autograd(_qkv_attention_backward, setup_context=_qkv_attention_setup)
+attention_fwd_op = backend.kernel_op("vit_kernels::attention_fwd", _fwd, backward=_attention_backward,
+                                     setup_context=_attention_setup)
+qkv_attention_fwd_op = backend.kernel_op("vit_kernels::qkv_attention_fwd", _qkv_fwd, backward=_qkv_attention_backward,
+                                         setup_context=_qkv_attention_setup)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -196,17 +182,6 @@ _qkv_attention_fwd.register_autograd(_qkv_attention_backward, setup_context=_qkv
 def _check_dropout(dropout_p: float) -> None:
     if not 0.0 <= dropout_p < 1.0:
         raise ValueError(f"dropout_p must be in [0, 1); got {dropout_p}")
-
-
-def _runs_kernels(op: str, t: Tensor) -> bool:
-    """Whether ``op`` on ``t`` runs the kernels: the backend's choice for a non-empty tensor of a
-    kernel dtype (float64, empty tensors and, on a GPU, float32 run the reference)."""
-    if t.dtype not in backend.KERNEL_DTYPES or t.numel() == 0 or not backend.use_triton(t):
-        return False
-    if t.dtype == torch.float32 and not backend.float32_dots_on_kernels():
-        return False
-    backend.refuse_bfloat16_dots(op, t.dtype)
-    return True
 
 
 def _check_head_dim(head_dim: int) -> None:
@@ -247,13 +222,13 @@ def attention(q: Tensor, k: Tensor, v: Tensor, scale: Optional[float] = None, dr
             raise ValueError(f"{name} is {t.dtype} on {t.device}; expected q's {q.dtype} on {q.device}")
     _check_head_dim(q.shape[-1])
     _check_dropout(dropout_p)
-    if not _runs_kernels("attention", q):
+    if not backend.runs_kernels("attention", q, dots=True):
         return reference.attention(q, k, v, scale, dropout_p)
     kernels.head_dim_block(q.shape[-1])
     if k.shape[2] != q.shape[2]:
         raise ValueError(f"k has {k.shape[2]} tokens; the attention kernel expects q's {q.shape[2]}")
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
-    return _attention_fwd(q, k, v, scale, dropout_p, _seed(q, dropout_p), False)[0]
+    return attention_fwd_op(q, k, v, scale, dropout_p, _seed(q, dropout_p), False)[0]
 
 
 def qkv_attention(qkv: Tensor, num_heads: int, scale: Optional[float] = None,
@@ -274,7 +249,7 @@ def qkv_attention(qkv: Tensor, num_heads: int, scale: Optional[float] = None,
     head_dim = qkv.shape[-1] // (3 * num_heads)
     _check_head_dim(head_dim)
     _check_dropout(dropout_p)
-    if not _runs_kernels("qkv_attention", qkv):
+    if not backend.runs_kernels("qkv_attention", qkv, dots=True):
         return reference.qkv_attention(qkv, num_heads, scale, dropout_p, q_norm, k_norm)
     kernels.head_dim_block(head_dim)
     scale = head_dim ** -0.5 if scale is None else float(scale)
@@ -284,9 +259,9 @@ def qkv_attention(qkv: Tensor, num_heads: int, scale: Optional[float] = None,
     fused = [None if n is None else _fused_layer_norm(n, head_dim, qkv) for n in (q_norm, k_norm)]
     if all(f is not None or n is None for f, n in zip(fused, (q_norm, k_norm))):
         (qw, qb, q_eps), (kw, kb, k_eps) = (f or (None, None, 0.0) for f in fused)
-        return _qkv_attention_fwd(qkv, num_heads, scale, dropout_p, seed, qw, qb, q_eps, kw, kb, k_eps)[0]
+        return qkv_attention_fwd_op(qkv, num_heads, scale, dropout_p, seed, qw, qb, q_eps, kw, kb, k_eps)[0]
     # A norm the kernel cannot fuse: apply both norms in PyTorch on the strided views.
     q, k, v = _split(qkv, num_heads)
     q = q if q_norm is None else q_norm(q).to(v.dtype)
     k = k if k_norm is None else k_norm(k).to(v.dtype)
-    return _attention_fwd(q, k, v, scale, dropout_p, seed, True)[0]
+    return attention_fwd_op(q, k, v, scale, dropout_p, seed, True)[0]

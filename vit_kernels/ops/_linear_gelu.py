@@ -3,11 +3,9 @@
 Both run one Triton GEMM (``kernels/linear_gelu.py``) with the bias and activation in its
 epilogue; the backward reuses it with swapped strides (see that module's docstring).
 
-Precision: fp16/bf16 operands, fp32 accumulation, output in the input dtype. fp32 inputs on
-the GPU use TF32 exactly when PyTorch's own matmuls would
-(``torch.get_float32_matmul_precision() != "highest"``, i.e. ``allow_tf32``), so the kernel
-keeps PyTorch's accuracy by default; in the interpreter an fp32 ``tl.dot`` is exact fp32
-anyway. Other dtypes (float64) run the reference.
+Precision: fp16/bf16 operands, fp32 accumulation, output in the input dtype. float32 runs the
+kernel only in the interpreter (``backend.float32_dots_on_kernels``), with the dot precision of
+``backend.dot_precision``; float64 runs the reference.
 
 Memory vs time (fc1): by default the forward stores the pre-activation ``x @ W^T + b`` when a
 gradient will be needed, and the backward forms ``dY * act'(pre)`` while loading it. With
@@ -23,16 +21,8 @@ import torch
 
 from .. import backend, reference
 
-if backend.triton_installed():
-    from ..kernels import linear_gelu as _kernels
-
-
-def implementation(device: torch.device) -> tuple[str, str]:
-    """Which implementation runs linear / linear_gelu on ``device``, and why."""
-    impl, why = backend.kernel_choice(device)
-    if impl == "triton":
-        return "triton", f"Triton GEMM with fused bias + activation epilogue ({why}; float64, and float32 outside the interpreter, run the reference)"
-    return "torch", f"PyTorch reference ({why})"
+if backend.triton_installed():  # without triton, backend.runs_kernels picks the reference
+    from ..kernels import linear_gelu as kernels
 
 
 def _check_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> None:
@@ -65,13 +55,6 @@ def _autocast(*tensors: Optional[torch.Tensor]) -> tuple[Optional[torch.Tensor],
                  for t in tensors)
 
 
-def _dot_precision(dtype: torch.dtype) -> str:
-    # "tf32" is Triton's default and is ignored for 16-bit operands.
-    if dtype == torch.float32 and torch.get_float32_matmul_precision() == "highest":
-        return "ieee"
-    return "tf32"
-
-
 def _launch(a, b, c, M, N, K, a_strides, b_strides, *, bias=None, act="none", pre=None, pre_strides=(0, 0),
             aux=None, prologue_grad=False, epilogue_grad=False, store_pre=False, row_sum=None):
     """c (M, N) = epilogue(prologue(a) @ b) with a (M, K) and b (K, N) given as strides."""
@@ -79,25 +62,24 @@ def _launch(a, b, c, M, N, K, a_strides, b_strides, *, bias=None, act="none", pr
         return  # nothing to write, and Triton rejects an empty grid
     placeholder = c  # unused pointer arguments: the constexpr flags keep the kernel off them
     aux_strides = (aux.stride(0), aux.stride(1)) if aux is not None else (0, 0)
-    backend.launcher(_kernels.gemm)[_kernels.grid(M, N)](
+    backend.launcher(kernels.gemm)[kernels.grid(M, N)](
         a, b, c,
         placeholder if bias is None else bias,
         placeholder if pre is None else pre,
         placeholder if aux is None else aux,
         placeholder if row_sum is None else row_sum,
         M, N, K, *a_strides, *b_strides, c.stride(0), c.stride(1), *pre_strides, *aux_strides,
-        HAS_BIAS=bias is not None, ACT=_kernels.ACT_IDS[act], PROLOGUE_GRAD=prologue_grad,
+        HAS_BIAS=bias is not None, ACT=kernels.ACT_IDS[act], PROLOGUE_GRAD=prologue_grad,
         EPILOGUE_GRAD=epilogue_grad, STORE_PRE=store_pre, ROW_SUM=row_sum is not None,
-        DOT_PRECISION=_dot_precision(a.dtype),
+        DOT_PRECISION=backend.dot_precision(a.dtype),
     )
 
 
-@backend.kernel_op("vit_kernels::linear_act")
-def _linear_act(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], activation: str,
-                save_pre: bool) -> tuple[torch.Tensor, torch.Tensor]:
+def _fwd(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], activation: str,
+         save_pre: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """act(x @ weight^T + bias) for x (M, K), weight (N, K); and the pre-activation (M, N) if save_pre, else (0,)."""
-    if activation not in _kernels.ACT_IDS:
-        raise ValueError(f"activation must be one of {tuple(_kernels.ACT_IDS)}; got {activation!r}")
+    if activation not in kernels.ACT_IDS:
+        raise ValueError(f"activation must be one of {tuple(kernels.ACT_IDS)}; got {activation!r}")
     M, K = x.shape
     N = weight.shape[0]
     save_pre = save_pre and activation != "none"
@@ -109,10 +91,9 @@ def _linear_act(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tens
     return out, pre
 
 
-@backend.kernel_op("vit_kernels::linear_act_backward")
-def _linear_act_backward(grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
-                         pre: torch.Tensor, activation: str, need_dx: bool, need_dw: bool,
-                         need_db: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _bwd(grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
+         pre: torch.Tensor, activation: str, need_dx: bool, need_dw: bool,
+         need_db: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dx (M, K), dw (N, K), db (N,)) for grad (M, N); an unneeded one is returned as (0,).
 
     ``pre`` is the saved pre-activation (M, N), or (0,) to recompute it.
@@ -148,6 +129,9 @@ def _linear_act_backward(grad: torch.Tensor, x: torch.Tensor, weight: torch.Tens
     return dx, dw, db
 
 
+linear_act_bwd_op = backend.kernel_op("vit_kernels::linear_act_bwd", _bwd)
+
+
 def _setup_context(ctx, inputs, output):
     x, weight, bias, activation, _ = inputs
     _, pre = output
@@ -160,11 +144,12 @@ def _backward(ctx, grad, _grad_pre):
     backend.refuse_double_backward("linear" if ctx.activation == "none" else "linear_gelu")
     x, weight, bias, pre = ctx.saved_tensors
     need_dx, need_dw, need_db = ctx.needs_input_grad[:3]
-    dx, dw, db = _linear_act_backward(grad, x, weight, bias, pre, ctx.activation, need_dx, need_dw, need_db)
+    dx, dw, db = linear_act_bwd_op(grad, x, weight, bias, pre, ctx.activation, need_dx, need_dw, need_db)
     return dx if need_dx else None, dw if need_dw else None, db if need_db else None, None, None
 
 
-_linear_act.register_autograd(_backward, setup_context=_setup_context)
+linear_act_fwd_op = backend.kernel_op("vit_kernels::linear_act_fwd", _fwd, backward=_backward,
+                                      setup_context=_setup_context)
 
 
 def _run(x, weight, bias, activation: str, recompute: bool) -> Optional[torch.Tensor]:
@@ -172,18 +157,15 @@ def _run(x, weight, bias, activation: str, recompute: bool) -> Optional[torch.Te
     _check_linear(x, weight, bias)
     x, weight, bias = _autocast(x, weight, bias)
     _check_dtypes(x, weight, bias)
-    # in_features = 0 (an empty reduction) is left to the reference: no tile would hold db.
-    if not backend.use_triton(x) or x.dtype not in backend.KERNEL_DTYPES or x.shape[-1] == 0:
+    # An empty x (no tokens, or in_features = 0: an empty reduction) runs the reference.
+    if not backend.runs_kernels("linear" if activation == "none" else "linear_gelu", x, dots=True):
         return None
-    if x.dtype == torch.float32 and not backend.float32_dots_on_kernels():
-        return None
-    backend.refuse_bfloat16_dots("linear" if activation == "none" else "linear_gelu", x.dtype)
     # A view wherever the leading dims flatten; otherwise reshape makes the one needed copy.
     x2d = x.reshape(-1, x.shape[-1])
     # The epilogue indexes the bias as contiguous; a strided or expanded view is copied (N elements).
     bias = None if bias is None else bias.contiguous()
     needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias))
-    out, _ = torch.ops.vit_kernels.linear_act(x2d, weight, bias, activation, needs_grad and not recompute)
+    out, _ = linear_act_fwd_op(x2d, weight, bias, activation, needs_grad and not recompute)
     return out.reshape(*x.shape[:-1], weight.shape[0])
 
 

@@ -26,8 +26,8 @@ IMAGE_DTYPES = (torch.uint8, torch.float16, torch.bfloat16, torch.float32, torch
 WEIGHT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
-def implementation(device: torch.device) -> tuple[str, str]:
-    """Which implementation runs patch_embed on ``device``, and why (loads the extension if needed)."""
+def extension_choice(device: torch.device | str) -> tuple[str, str]:
+    """("extension" | "torch", why) for patch_embed on ``device`` (loads the extension if needed)."""
     device = torch.device(device)
     if backend.get_backend() == "torch":
         return "torch", "backend 'torch' selected"

@@ -1,7 +1,7 @@
 """Residual add (with LayerScale and DropPath's per-sample scale) fused into the LayerNorm after it.
 
-Two ``torch.library`` ops, ``vit_kernels::add_layer_norm_fwd`` and ``vit_kernels::add_layer_norm_bwd``,
-tied together with ``register_autograd`` so ``torch.compile(fullgraph=True)`` traces them.
+Two ops, ``vit_kernels::add_layer_norm_fwd`` and ``vit_kernels::add_layer_norm_bwd``, registered
+with ``backend.kernel_op`` (the forward's autograd formula runs the backward op).
 Gradients: x, residual, weight, bias, gamma, and row_scale when it requires grad (DropPath's
 scale does not, so that reduction is skipped unless asked for).
 """
@@ -11,27 +11,13 @@ from typing import Optional
 
 import torch
 from torch import Tensor
-from torch.library import register_autograd
 
 from .. import backend, reference
 
-try:
+if backend.triton_installed():  # without triton, backend.runs_kernels picks the reference
     import triton
 
-    from ..kernels.add_layer_norm import _add_layer_norm_bwd, _add_layer_norm_fwd, add_layer_norm_config
-except ImportError:  # no Triton on this platform: backend.kernel_choice then picks the reference
-    triton = None
-
-
-def implementation(device: torch.device) -> tuple[str, str]:
-    """Which implementation runs add_layer_norm on ``device``, and why."""
-    try:
-        name, why = backend.kernel_choice(device)
-    except RuntimeError as err:
-        return "triton", f"unavailable: {err}"
-    if name == "triton":
-        return "triton", f"Triton kernel (float64 inputs run the reference); {why}"
-    return "torch", f"PyTorch reference; {why}"
+    from ..kernels import add_layer_norm as kernels
 
 
 def _rows(t: Tensor, width: int) -> Tensor:
@@ -57,9 +43,9 @@ def _fwd(x: Tensor, residual: Optional[Tensor], weight: Optional[Tensor], bias: 
     mean = x.new_empty((rows,), dtype=torch.float32)
     rstd = x.new_empty((rows,), dtype=torch.float32)
     nr2 = _rows(new_residual, width) if store_residual else x2  # without a store only its dtype is read
-    block_m, block_n, num_warps = add_layer_norm_config(width, rows, backend.interpreter_enabled())
+    block_m, block_n, num_warps = kernels.add_layer_norm_config(width, rows, backend.interpreter_enabled())
     if rows:
-        backend.launcher(_add_layer_norm_fwd)[(triton.cdiv(rows, block_m),)](
+        backend.launcher(kernels._add_layer_norm_fwd)[(triton.cdiv(rows, block_m),)](
             x2, r2, gamma, row_scale, weight, bias, normed, nr2, mean, rstd,
             rows, width, _rows_per_sample(x), eps,
             x2.stride(0), x2.stride(1), r2.stride(0), r2.stride(1),
@@ -81,7 +67,7 @@ def _bwd(dnormed: Tensor, dnew_residual: Optional[Tensor], h: Tensor, x: Tensor,
     dy2, h2, x2 = _rows(dnormed, width), _rows(h, width), _rows(x, width)
     dnr2 = dy2 if dnew_residual is None else _rows(dnew_residual, width)
     rows = x2.shape[0]
-    block_m, block_n, num_warps = add_layer_norm_config(width, rows, backend.interpreter_enabled())
+    block_m, block_n, num_warps = kernels.add_layer_norm_config(width, rows, backend.interpreter_enabled())
     programs = triton.cdiv(rows, block_m)
     dx = x.new_empty(x.shape)
     store_dr = residual_dtype is not None
@@ -94,7 +80,7 @@ def _bwd(dnormed: Tensor, dnew_residual: Optional[Tensor], h: Tensor, x: Tensor,
     dw_part, db_part, dg_part = partials(weight is not None), partials(has_bias), partials(gamma is not None)
     drow = x.new_empty((rows,) if row_scale_grad else (0,), dtype=torch.float32)
     if rows:
-        backend.launcher(_add_layer_norm_bwd)[(programs,)](
+        backend.launcher(kernels._add_layer_norm_bwd)[(programs,)](
             dy2, dnr2, h2, x2, gamma, row_scale, weight, mean, rstd, dx, dr2, dw_part, db_part, dg_part, drow,
             rows, width, _rows_per_sample(x),
             dy2.stride(0), dy2.stride(1), dnr2.stride(0), dnr2.stride(1), h2.stride(0), h2.stride(1),
@@ -113,8 +99,7 @@ _FWD_SCHEMA = ("(Tensor x, Tensor? residual, Tensor? weight, Tensor? bias, Tenso
 _BWD_SCHEMA = ("(Tensor dnormed, Tensor? dnew_residual, Tensor h, Tensor x, Tensor? weight, bool has_bias, "
                "Tensor? gamma, Tensor? row_scale, Tensor mean, Tensor rstd, ScalarType? residual_dtype, "
                "bool row_scale_grad) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)")
-backend.kernel_op("vit_kernels::add_layer_norm_fwd", _fwd, schema=_FWD_SCHEMA)
-backend.kernel_op("vit_kernels::add_layer_norm_bwd", _bwd, schema=_BWD_SCHEMA)
+add_layer_norm_bwd_op = backend.kernel_op("vit_kernels::add_layer_norm_bwd", _bwd, schema=_BWD_SCHEMA)
 
 
 def _setup_context(ctx, inputs, output):
@@ -135,7 +120,7 @@ def _backward(ctx, dnormed, dnew_residual, _dmean, _drstd):
     # Without gamma and row_scale, d(x) = d(residual): one store serves both when dtypes agree.
     shared = gamma is None and row_scale is None and ctx.residual_dtype == x.dtype
     store_dr = ctx.residual_dtype is not None and not shared
-    dx, dres, dw, db, dg, ds = torch.ops.vit_kernels.add_layer_norm_bwd(
+    dx, dres, dw, db, dg, ds = add_layer_norm_bwd_op(
         dnormed, dnew_residual, h, x, weight, ctx.bias_dtype is not None, gamma, row_scale, mean, rstd,
         ctx.residual_dtype if store_dr else None, row_scale is not None and needs[5])
     if ctx.residual_dtype is not None and shared:
@@ -147,7 +132,8 @@ def _backward(ctx, dnormed, dnew_residual, _dmean, _drstd):
             None, None, None)
 
 
-register_autograd("vit_kernels::add_layer_norm_fwd", _backward, setup_context=_setup_context)
+add_layer_norm_fwd_op = backend.kernel_op("vit_kernels::add_layer_norm_fwd", _fwd, schema=_FWD_SCHEMA,
+                                          backward=_backward, setup_context=_setup_context)
 
 
 def _check(name: str, t: Optional[Tensor], x: Tensor, shape: tuple, dtypes: tuple) -> None:
@@ -188,7 +174,7 @@ def add_layer_norm(x: Tensor, residual: Optional[Tensor], weight: Optional[Tenso
         raise ValueError(f"eps must be > 0; got {eps}")
     if residual_dtype is not None and not residual_dtype.is_floating_point:
         raise ValueError(f"residual_dtype must be a floating-point dtype; got {residual_dtype}")
-    if x.dtype not in backend.KERNEL_DTYPES or not backend.use_triton(x):
+    if not backend.runs_kernels("add_layer_norm", x, dots=False):
         return reference.add_layer_norm(x, residual, weight, bias, eps, gamma, row_scale, residual_dtype)
     out_dtype = residual_dtype or (x.dtype if residual is None else torch.promote_types(x.dtype, residual.dtype))
     if out_dtype not in backend.KERNEL_DTYPES:
@@ -197,6 +183,6 @@ def add_layer_norm(x: Tensor, residual: Optional[Tensor], weight: Optional[Tenso
     # The kernels index the 1-D parameters as contiguous; a strided or expanded view is copied
     # (C or B elements), and autograd takes the gradient back through the copy.
     weight, bias, gamma, row_scale = (None if t is None else t.contiguous() for t in (weight, bias, gamma, row_scale))
-    normed, new_residual, _, _ = torch.ops.vit_kernels.add_layer_norm_fwd(
+    normed, new_residual, _, _ = add_layer_norm_fwd_op(
         x, residual, weight, bias, gamma, row_scale, float(eps), out_dtype, store)
     return normed, new_residual if store else x
