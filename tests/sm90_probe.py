@@ -1,22 +1,18 @@
 """Compiles a few kernels for sm_90 and prints what the compile report reads from them, as JSON.
 
-Run by tests/test_compile_report.py in a process without TRITON_INTERPRET (compiling needs the
+Run by tests/test_compile_report.py (``python -m tests.sm90_probe`` from the repository root) in a process without TRITON_INTERPRET (compiling needs the
 real JIT, which the test session replaces with the interpreter). The toy kernels are known
 cases: one that must spill, and one bf16 dot that must and one that cannot use wgmma.
 """
 import json
-import os
-import sys
 
 import torch
 import triton
 import triton.language as tl
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-import vit_kernels as vk  # noqa: E402
-from vit_kernels import backend  # noqa: E402
-from vit_kernels.compile_report import report, sm90  # noqa: E402
+import vit_kernels as vk
+from vit_kernels import backend
+from vit_kernels.compile_report import report, sm90
 
 
 @triton.jit

@@ -15,7 +15,7 @@ import vit_kernels as vk
 from vit_kernels import backend
 
 pytest.importorskip("triton")
-from vit_kernels.compile_report import report, sm90
+from vit_kernels.compile_report import report, sm90  # noqa: E402  (after the skip: it imports triton)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -26,7 +26,7 @@ def _compiling_env() -> dict:
 
 @pytest.fixture(scope="module")
 def probe():
-    done = subprocess.run([sys.executable, os.path.join(ROOT, "tests", "sm90_probe.py")], env=_compiling_env(),
+    done = subprocess.run([sys.executable, "-m", "tests.sm90_probe"], env=_compiling_env(),
                           cwd=ROOT, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stderr[-4000:]
     return json.loads(done.stdout.strip().splitlines()[-1])
