@@ -1,21 +1,22 @@
 """pytest-benchmark micro-benchmarks of every op provider: ``pytest benchmarks/ --benchmark-only``.
 
-The same cases as ``python -m vit_kernels bench --quick`` (one ViT shape per op); every provider is
-checked against the float64 reference before it is timed. Not part of the CI test run.
+The same table (``OP_BENCHES``) and cases as ``python -m vit_kernels bench --quick`` (one ViT shape
+per op); every provider is checked against the float64 reference before it is timed. Not part of
+the CI test run.
 """
 import pytest
 import torch
 
 from vit_kernels.bench.case import TOLERANCE, relative_error
-from vit_kernels.bench.ops import OPS, op_cases
+from vit_kernels.bench.ops import OP_BENCHES, QUICK_OP_MODES, op_cases
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 DTYPE = torch.bfloat16 if DEVICE.type == "cuda" else torch.float32
 
 
 def _params():
-    for op in OPS:
-        for case in op_cases(op, DEVICE, DTYPE, ("fwd", "fwd+bwd"), quick=True, compile_=False):
+    for op in OP_BENCHES:
+        for case in op_cases(op, DEVICE, DTYPE, QUICK_OP_MODES, quick=True, compile_=False):
             for provider in case.providers:
                 yield pytest.param(case, provider, id=f"{op}-{case.mode}-{provider}")
 

@@ -1,6 +1,7 @@
 """The benchmark harness on the CPU: tiny shapes, so the whole file runs in well under a minute."""
 import csv
 import errno
+import importlib.util
 import json
 import re
 import tempfile
@@ -12,6 +13,7 @@ from vit_kernels import __main__ as cli
 from vit_kernels import bench
 from vit_kernels.bench import output, runner
 from vit_kernels.bench.case import Case
+from vit_kernels.bench.ops import OP_BENCHES
 from vit_kernels.bench.timing import QUICK, Budget, measure, percentile
 
 pytest.importorskip("timm")
@@ -50,16 +52,8 @@ def test_quick_run_writes_results_with_metadata(tmp_path, capsys):
     meta = json.loads(json_path.read_text())
     assert meta["ceilings"]["gbps"] > 0 and meta["ceilings"]["tflops"] > 0
     assert meta["torch"] == torch.__version__ and len(meta["rows"]) == len(rows)
-    if _has_matplotlib():
+    if importlib.util.find_spec("matplotlib") is not None:
         assert list((out_dir / "plots").glob("*.png"))
-
-
-def _has_matplotlib():
-    try:
-        import matplotlib  # noqa: F401
-    except ImportError:
-        return False
-    return True
 
 
 def test_upsert_replaces_same_key_and_keeps_others(tmp_path):
@@ -165,6 +159,17 @@ def test_every_provider_name_is_declared():
             assert set(case.providers) <= set(bench.OP_PROVIDERS), op
     pair = bench.ModelPair("vit_tiny_patch16_224", torch.device("cpu"), torch.float32, **TINY_MODEL)
     assert set(pair.provider_models(compile_=True)) <= set(bench.MODEL_PROVIDERS)
+
+
+def test_rows_carry_the_tables_formulas():
+    # ViT-B/16 attention at batch 1 by hand: 4*B*H*N^2*D flop and 4*M*C*s bytes forward (s = 2 for bf16).
+    fwd, bwd, both = bench.op_cases("attention", torch.device("cpu"), torch.bfloat16, bench.OP_MODES, True, False,
+                                    [("B", 197, 1)])
+    assert (fwd.flops, fwd.bytes) == (4 * 12 * 197**2 * 64, 4 * 197 * 768 * 2)
+    assert (both.flops, both.bytes) == (fwd.flops + bwd.flops, fwd.bytes + bwd.bytes)
+    for op, entry in OP_BENCHES.items():
+        (case,) = bench.op_cases(op, torch.device("cpu"), torch.float32, ["fwd"], True, False, TINY_OPS)
+        assert case.formula == entry.formula and case.baseline == entry.baseline
 
 
 def test_bf16_refused_where_the_gpu_has_none(monkeypatch):

@@ -11,7 +11,6 @@ import torch
 
 from . import backend, ops
 from . import bench as harness
-from .bench.ops import OPS
 
 # The Plan fields whose option is not --<field>, for naming the option in an error.
 _OPTIONS = {"batches": "--batch-sizes"}
@@ -32,7 +31,7 @@ def info(_args) -> int:
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "CPU"
     print(f"device   {device} ({name})")
     print(f"backend  {backend.get_backend()} (set with vk.set_backend or {backend.ENV_VAR})")
-    for op in OPS:
+    for op in harness.OPS:
         impl, why = ops.implementation(op, device)
         print(f"  {op:<15} {impl:<10} {why}")
     return 0
@@ -106,12 +105,13 @@ def main(argv=None) -> int:
         "bench", help="time every op and model: vit_kernels against timm, SDPA and torch.compile",
         description="Checks every provider against a high-precision reference, then times the ones that agree. "
                     "Rows are upserted into DIR/results.csv; a JSON of the run and PNG plots go beside it.")
-    bench_parser.add_argument("--ops", help="comma-separated; default all: " + ", ".join(OPS) + " ('' for none)")
+    bench_parser.add_argument("--ops", help=f"comma-separated; default all: {', '.join(harness.OPS)} ('' for none)")
     bench_parser.add_argument("--models", help="comma-separated timm names; default vit_base_patch16_224 on a CPU "
                               "or with --quick, else vit_small/base/large_patch16_224 and vit_base_patch14_reg4_dinov2")
     bench_parser.add_argument("--dtypes", help="comma-separated: float32, float16, bfloat16 (or fp32, fp16, bf16); "
                               "default bfloat16 on CUDA, float32 on CPU")
-    bench_parser.add_argument("--modes", help="comma-separated: fwd, bwd, fwd+bwd (ops), inference, train (models)")
+    bench_parser.add_argument("--modes", help=f"comma-separated: {', '.join(harness.OP_MODES)} (ops), "
+                                                  f"{', '.join(harness.MODEL_MODES)} (models)")
     bench_parser.add_argument("--providers", help="comma-separated provider names to keep (e.g. vk,timm+compile); "
                               "the baseline always runs")
     bench_parser.add_argument("--batch-sizes", type=_ints, help="model batch sweep, comma-separated; default 1..512 on CUDA, 4 on CPU")

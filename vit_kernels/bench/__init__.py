@@ -1,8 +1,8 @@
 """The benchmark harness behind ``python -m vit_kernels bench`` and ``benchmarks/``.
 
 timing.py (how a call is timed), case.py (a case and the agreement check), ops.py and models.py
-(providers per op and model), runner.py (check, time, catch OOM per row), output.py (CSV, JSON,
-table, plots).
+(the tables of op and model benchmarks: inputs, formulas, providers), runner.py (check, time,
+catch OOM per row), output.py (CSV, JSON, table, plots).
 """
 from __future__ import annotations
 
@@ -15,8 +15,9 @@ import torch
 
 from .. import backend
 from ..ops import implementation
-from .models import MODEL_MODES, MODEL_PROVIDERS, MODELS, ModelPair, batches_for, model_cases, valid_models
-from .ops import OP_MODES, OP_PROVIDERS, OPS, op_cases
+from .models import (MODEL_MODES, MODEL_PROVIDERS, MODELS, QUICK_MODEL_MODES, ModelPair, batches_for, model_cases,
+                     valid_models)
+from .ops import OP_MODES, OP_PROVIDERS, OPS, QUICK_OP_MODES, op_cases
 from .output import device_slug, metadata, plot, table, upsert_csv, write_json
 from .runner import run_cases
 from .timing import QUICK, Budget, measure_ceilings
@@ -25,7 +26,7 @@ DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.floa
           "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
 
 
-PROVIDERS = tuple(dict.fromkeys(OP_PROVIDERS + MODEL_PROVIDERS))
+PROVIDERS = tuple(dict.fromkeys((*OP_PROVIDERS, *MODEL_PROVIDERS)))
 
 
 class PlanError(ValueError):
@@ -140,8 +141,8 @@ def run(plan: Plan, log=print) -> tuple[list[dict], Path]:
         log(f"{meta['device']}: measured ceilings {ceilings.gbps:.0f} GB/s copy, "
             f"{ceilings.tflops:.1f} TFLOP/s {ceilings.matmul_dtype} matmul")
     meta["plan"] = dict(ops=ops, models=models, dtypes=[str(d) for d in dtypes], quick=quick, compile=compile_)
-    op_modes = [m for m in (modes or (("fwd", "fwd+bwd") if quick else OP_MODES)) if m in OP_MODES]
-    model_modes = [m for m in (modes or (("inference",) if quick else MODEL_MODES)) if m in MODEL_MODES]
+    op_modes = [m for m in (modes or (QUICK_OP_MODES if quick else OP_MODES)) if m in OP_MODES]
+    model_modes = [m for m in (modes or (QUICK_MODEL_MODES if quick else MODEL_MODES)) if m in MODEL_MODES]
     batches = list(plan.batches) if plan.batches else batches_for(device, quick)
 
     if compile_:

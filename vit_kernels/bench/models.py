@@ -1,12 +1,11 @@
 """The model benchmarks: vit_kernels against timm with the same weights, eager and compiled.
 
-Formula (per image; N tokens, C width, depth blocks, L patches, patch p):
-  inference  depth * (24*N*C^2 + 4*N^2*C) + 2*L*C*3p^2 flop;  train = 3x inference (forward + backward)
 Train is forward + backward of sum(output * g) for a fixed random g, with gradients zeroed per step;
 the optimizer step is left out (it is the same for every provider).
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
@@ -16,9 +15,26 @@ from .case import Case
 
 MODELS = ("vit_small_patch16_224", "vit_base_patch16_224", "vit_large_patch16_224", "vit_base_patch14_reg4_dinov2")
 MODEL_MODES = ("inference", "train")
-# Every name ``model_cases`` gives a provider (the cudagraph ones on CUDA, the compile ones with torch.compile on).
-MODEL_PROVIDERS = ("timm", "vk", "timm+compile", "timm+compile-max-autotune", "vk+compile",
-                   "timm+cudagraph", "vk+cudagraph")
+QUICK_MODEL_MODES = ("inference",)
+
+
+@dataclass(frozen=True)
+class ModelProvider:
+    model: str                          # which model of the ModelPair runs: "timm" or "vk"
+    compile: bool = False               # torch.compile'd (only when compile is on)
+    compile_mode: Optional[str] = None
+    cuda_graph: bool = False            # one captured inference forward (CUDA, batch <= CUDA_GRAPH_MAX_BATCH)
+
+
+MODEL_PROVIDERS = {
+    "timm": ModelProvider("timm"),
+    "vk": ModelProvider("vk"),
+    "timm+compile": ModelProvider("timm", compile=True),
+    "timm+compile-max-autotune": ModelProvider("timm", compile=True, compile_mode="max-autotune"),
+    "vk+compile": ModelProvider("vk", compile=True),
+    "timm+cudagraph": ModelProvider("timm", cuda_graph=True),
+    "vk+cudagraph": ModelProvider("vk", cuda_graph=True),
+}
 FULL_BATCHES = (1, 8, 32, 64, 128, 256, 512)
 # Above this batch the float32 reference of a training step would not fit: train rows there are
 # checked against the baseline in the same dtype instead (with twice the tolerance floor).
@@ -34,6 +50,10 @@ def batches_for(device: torch.device, quick: bool) -> tuple:
     if device.type != "cuda":
         return (4,)
     return (64,) if quick else FULL_BATCHES
+
+
+# Per image; N tokens, C width, depth blocks, L patches, patch p.
+MODEL_FORMULA = "inference  depth * (24*N*C^2 + 4*N^2*C) + 2*L*C*3p^2 flop;  train = 3x inference (forward + backward)"
 
 
 def model_flops(model, batch: int, mode: str) -> float:
@@ -78,16 +98,23 @@ class ModelPair:
         self.vk.load_state_dict(self.reference.state_dict())
         self.compiled: dict = {}
 
-    def provider_models(self, compile_: bool) -> dict:
-        models = {"timm": self.timm, "vk": self.vk}
-        if compile_:
-            # dynamic=False: each batch size gets its own static graph, as a deployed model would.
-            for key, (model, mode) in {"timm+compile": (self.timm, None),
-                                       "timm+compile-max-autotune": (self.timm, "max-autotune"),
-                                       "vk+compile": (self.vk, None)}.items():
+    def module(self, provider: str) -> torch.nn.Module:
+        return getattr(self, MODEL_PROVIDERS[provider].model)
+
+    def provider_models(self, compile_: bool, cuda_graphs: bool = False) -> dict:
+        """provider -> what it calls; ``cuda_graphs``: the CUDA-graph providers too (captured lazily,
+        at the first call, so only rows that run pay for the capture)."""
+        models = {}
+        for key, how in MODEL_PROVIDERS.items():
+            if how.compile and compile_:
+                # dynamic=False: each batch size gets its own static graph, as a deployed model would.
                 if key not in self.compiled:
-                    self.compiled[key] = torch.compile(model, mode=mode, dynamic=False)
+                    self.compiled[key] = torch.compile(self.module(key), mode=how.compile_mode, dynamic=False)
                 models[key] = self.compiled[key]
+            elif how.cuda_graph and cuda_graphs:
+                models[key] = _LazyGraph(self.module(key))
+            elif not (how.compile or how.cuda_graph):
+                models[key] = self.module(key)
         return models
 
 
@@ -119,14 +146,8 @@ def model_cases(name: str, device: torch.device, dtype: torch.dtype, modes, batc
     img = cfg.patch_embed.img_size
     for mode in modes:
         for batch in batches:
-            models = pair.provider_models(compile_)
-            modules = {"timm": pair.timm, "vk": pair.vk, "timm+compile": pair.timm,
-                       "timm+compile-max-autotune": pair.timm, "vk+compile": pair.vk}
-            if cuda_graphs and mode == "inference" and device.type == "cuda" and batch <= CUDA_GRAPH_MAX_BATCH:
-                # Captured lazily, at the first call, so only rows that run pay for the capture.
-                for key, module in (("timm+cudagraph", pair.timm), ("vk+cudagraph", pair.vk)):
-                    models[key] = _LazyGraph(module)
-                    modules[key] = module
+            graphs = cuda_graphs and mode == "inference" and device.type == "cuda" and batch <= CUDA_GRAPH_MAX_BATCH
+            models = pair.provider_models(compile_, graphs)
 
             def make_set(batch=batch):
                 images = torch.randn(batch, 3, *img, device=device, dtype=dtype)
@@ -135,15 +156,15 @@ def model_cases(name: str, device: torch.device, dtype: torch.dtype, modes, batc
 
             def factory(model, key, mode=mode):
                 if mode == "inference":
-                    return lambda s: _inference_call(model, modules[key], s[0])
-                return lambda s: _train_call(model, modules[key], s[0], s[1])
+                    return lambda s: _inference_call(model, pair.module(key), s[0])
+                return lambda s: _train_call(model, pair.module(key), s[0], s[1])
 
             factories = {key: factory(m, key) for key, m in models.items()}
             use_ref = mode == "inference" or batch <= TRAIN_REFERENCE_MAX_BATCH
             reference = _reference(pair, mode) if use_ref else None
             cases.append(Case("model", name, mode, f"B={batch} img={img[0]}", dtype, device, factories, "timm",
                               make_set, reference, model_flops(cfg, batch, mode), 0.0,
-                              __doc__.split("\n")[3].strip(), items=batch, input_sets=2))
+                              MODEL_FORMULA, items=batch, input_sets=2))
     return cases
 
 

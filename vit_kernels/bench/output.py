@@ -9,8 +9,6 @@ import platform
 import re
 import subprocess
 from pathlib import Path
-from typing import Optional
-
 import torch
 
 COLUMNS = ["kind", "bench", "provider", "mode", "shape", "dtype", "status", "p20_ms", "p50_ms", "p80_ms", "unit",

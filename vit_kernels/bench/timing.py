@@ -5,6 +5,7 @@ cycle through them so that repeated runs do not find their inputs in the cache.
 """
 from __future__ import annotations
 
+import functools
 import math
 import time
 from dataclasses import dataclass
@@ -142,18 +143,19 @@ def measure_ceilings(device: torch.device, quick: bool = False) -> Ceilings:
     budget = QUICK if quick else Budget()
     numel = 1 << 28 if cuda else 1 << 23   # 512 MiB of bf16 on a GPU, 32 MiB of fp32 on a CPU
     dtype = torch.bfloat16 if cuda else torch.float32
-    src = torch.randn(numel, device=device, dtype=dtype)
-    dst = torch.empty_like(src)
-    copy = measure([lambda: dst.copy_(src)], device, budget)
-    gbps = 2 * src.numel() * src.element_size() / copy.p20_ms / 1e6
-    del src, dst
-    tflops = 0.0
+    randn = functools.partial(torch.randn, device=device, dtype=dtype)
+    copy_ms = _p20_ms(lambda: (randn(numel), torch.empty(numel, device=device, dtype=dtype)),
+                      lambda src, dst: dst.copy_(src), device, budget)
+    gbps = 2 * numel * torch.empty((), dtype=dtype).element_size() / copy_ms / 1e6
     sizes = (4096, 8192) if cuda else (384, 768, 1024)
-    for n in sizes:
-        a, b = (torch.randn(n, n, device=device, dtype=dtype) for _ in range(2))
-        mm = measure([lambda: a @ b], device, budget)
-        tflops = max(tflops, 2 * n**3 / mm.p20_ms / 1e9)
-        del a, b
+    tflops = max(2 * n**3 / _p20_ms(lambda: (randn(n, n), randn(n, n)), torch.matmul, device, budget) / 1e9
+                 for n in sizes)
     how = (f"fastest fifth of copies of {numel} {dtype} elements (2x bytes); best of {'/'.join(map(str, sizes))}"
            f"-cubed {dtype} matmuls")
     return Ceilings(gbps, tflops, str(dtype).replace("torch.", ""), how)
+
+
+def _p20_ms(make_operands: Callable[[], tuple], run: Callable, device: torch.device, budget: Budget) -> float:
+    """The fastest fifth of ``run(*operands)``; the operands are freed when this returns."""
+    operands = make_operands()
+    return measure([lambda: run(*operands)], device, budget).p20_ms
