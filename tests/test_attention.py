@@ -6,11 +6,8 @@ from torch import nn
 
 import vit_kernels as vk
 from vit_kernels import reference
-from vit_kernels.ops import _attention as attention_op
 
-from .utils import assert_within_pytorch_error, poisoned_allocations
-
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+from .utils import ATTENTION, DEVICE, QKV_ATTENTION, Op, Sample, check, layer_norm_with, opcheck
 
 # (B, H, N, D). A covering subset, not the product of N x D x H x B: the interpreter costs about
 # 10 ms per 64x64 tile step, so every N, D, H and B of the issue appears at least once and the
@@ -23,48 +20,14 @@ SHAPES = [
 ]
 
 
-def _randomised(norm: nn.LayerNorm) -> nn.LayerNorm:
-    """A LayerNorm with random affine parameters (the default ones/zeros hide weight/bias bugs)."""
-    with torch.no_grad():
-        norm.weight.copy_(1 + 0.5 * torch.randn_like(norm.weight))
-        norm.bias.copy_(0.5 * torch.randn_like(norm.bias))
-    return norm
-
-
-def _copy_to(norm, dtype):
-    return None if norm is None else _copy_module(norm, dtype)
-
-
-def _copy_module(module, dtype):
-    clone = type(module)(module.normalized_shape, eps=module.eps).to(DEVICE, dtype)
-    clone.load_state_dict(module.state_dict())
-    return clone
-
-
-def _parameters(*modules):
-    return [p for m in modules if m is not None for p in m.parameters()]
-
-
-def _run(fn, inputs, modules, grad_out):
-    """fn(*inputs, *modules) and the gradients of <out, grad_out> w.r.t. inputs and module parameters."""
-    out = fn(*inputs, *modules)
-    grads = torch.autograd.grad(out, [*inputs, *_parameters(*modules)], grad_out.to(out.dtype))
-    return out, grads
-
-
-def _check_against_reference(op, ref, inputs, modules, names):
-    """Run op on the kernel path (poisoned outputs) and the reference in the same dtype and in float64."""
-    exact_inputs = [x.detach().double().requires_grad_() for x in inputs]
-    exact_modules = [_copy_to(m, torch.float64) for m in modules]
-    exact_out = ref(*exact_inputs, *exact_modules)
-    grad_out = torch.randn_like(exact_out)
-    exact = _run(ref, exact_inputs, exact_modules, grad_out)
-    baseline = _run(ref, inputs, modules, grad_out)
-    with vk.use_backend("triton"), poisoned_allocations():
-        actual = _run(op, inputs, modules, grad_out)
-    for name, a, b, e in zip(["out", *names], [actual[0], *actual[1]], [baseline[0], *baseline[1]],
-                             [exact[0], *exact[1]]):
-        assert_within_pytorch_error(name, a, b, e)
+def _norm_parameters(D, dtype, which=("q", "k"), bias=True):
+    """Random affine parameters of the q/k norms (the default ones/zeros hide weight/bias bugs)."""
+    params = {}
+    for name in which:
+        params[f"{name}_weight"] = (1 + 0.5 * torch.randn(D, device=DEVICE)).to(dtype).requires_grad_()
+        if bias:
+            params[f"{name}_bias"] = (0.5 * torch.randn(D, device=DEVICE)).to(dtype).requires_grad_()
+    return params
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
@@ -73,16 +36,8 @@ def _check_against_reference(op, ref, inputs, modules, names):
 def test_qkv_attention(shape, dtype, qk_norm):
     B, H, N, D = shape
     qkv = torch.randn(B, N, 3 * H * D, device=DEVICE, dtype=dtype, requires_grad=True)
-    norms = [_randomised(nn.LayerNorm(D)).to(DEVICE, dtype) if qk_norm else None for _ in range(2)]
-    names = ["dqkv"] + (["dq_norm.weight", "dq_norm.bias", "dk_norm.weight", "dk_norm.bias"] if qk_norm else [])
-
-    def op(qkv, q_norm, k_norm):
-        return vk.ops.qkv_attention(qkv, H, q_norm=q_norm, k_norm=k_norm)
-
-    def ref(qkv, q_norm, k_norm):
-        return reference.qkv_attention(qkv, H, q_norm=q_norm, k_norm=k_norm)
-
-    _check_against_reference(op, ref, [qkv], norms, names)
+    norms = _norm_parameters(D, dtype) if qk_norm else {}
+    check(QKV_ATTENTION, Sample(dict(qkv=qkv, **norms), dict(num_heads=H)))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
@@ -94,55 +49,30 @@ def test_attention_strided(shape, dtype):
     q = torch.randn(B, N, H, D, device=DEVICE, dtype=dtype).transpose(1, 2)
     k = torch.randn(B, H, N, D + 8, device=DEVICE, dtype=dtype)[..., 3:D + 3]
     v = torch.randn(B, H, N, D, device=DEVICE, dtype=dtype)
-    inputs = [t.requires_grad_() for t in (q, k, v)]
-    _check_against_reference(vk.ops.attention, reference.attention, inputs, [], ["dq", "dk", "dv"])
+    check(ATTENTION, Sample(dict(q=q.requires_grad_(), k=k.requires_grad_(), v=v.requires_grad_())))
 
 
 @pytest.mark.parametrize("head_dim", [16, 96, 112, 128])
 def test_head_dims(head_dim):
     """The ends of the supported range and the other non-powers of two (padded lanes masked)."""
     B, H, N = 1, 2, 33
-    inputs = [torch.randn(B, H, N, head_dim, device=DEVICE, requires_grad=True) for _ in range(3)]
-    _check_against_reference(vk.ops.attention, reference.attention, inputs, [], ["dq", "dk", "dv"])
-
-
-class _RMSNorm(nn.Module):
-    """A norm the kernel does not fuse (not an nn.LayerNorm): applied in PyTorch."""
-
-    def __init__(self, normalized_shape, eps=1e-6):
-        super().__init__()
-        self.normalized_shape, self.eps = normalized_shape, eps
-        self.weight = nn.Parameter(1 + 0.5 * torch.randn(normalized_shape))
-
-    def forward(self, x):
-        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps) * self.weight
+    q, k, v = (torch.randn(B, H, N, head_dim, device=DEVICE, requires_grad=True) for _ in range(3))
+    check(ATTENTION, Sample(dict(q=q, k=k, v=v)))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_qkv_attention_unfused_norm(dtype):
     B, H, N, D = 2, 2, 17, 32
     qkv = torch.randn(B, N, 3 * H * D, device=DEVICE, dtype=dtype, requires_grad=True)
-    norms = [_RMSNorm(D).to(DEVICE, dtype), _RMSNorm(D).to(DEVICE, dtype)]
-
-    def op(qkv, q_norm, k_norm):
-        return vk.ops.qkv_attention(qkv, H, q_norm=q_norm, k_norm=k_norm)
-
-    def ref(qkv, q_norm, k_norm):
-        return reference.qkv_attention(qkv, H, q_norm=q_norm, k_norm=k_norm)
-
-    names = ["dqkv", "dq_norm.weight", "dk_norm.weight"]
-    _check_against_reference(op, ref, [qkv], norms, names)
+    check(QKV_ATTENTION, Sample(dict(qkv=qkv, **_norm_parameters(D, dtype, bias=False)), dict(num_heads=H, rms=True)))
 
 
 def test_layer_norm_without_affine_and_eps():
     """elementwise_affine=False and a non-default eps reach the kernel (q-norm only, k unnormed)."""
     B, H, N, D = 1, 2, 40, 16  # D = 16: the smallest supported head dim
     qkv = torch.randn(B, N, 3 * H * D, device=DEVICE, requires_grad=True)
-    q_norm = nn.LayerNorm(D, eps=1e-2, elementwise_affine=False).to(DEVICE)
-    exact = reference.qkv_attention(qkv.double(), H, q_norm=q_norm.double())
-    baseline = reference.qkv_attention(qkv, H, q_norm=q_norm.float())
-    with vk.use_backend("triton"):
-        assert_within_pytorch_error("out", vk.ops.qkv_attention(qkv, H, q_norm=q_norm), baseline, exact)
+    q_norm = nn.LayerNorm(D, eps=1e-2, elementwise_affine=False, device=DEVICE)
+    check(QKV_ATTENTION, Sample(dict(qkv=qkv), dict(num_heads=H, q_norm=q_norm)))
 
 
 def test_identity_norms_are_no_norms():
@@ -191,25 +121,19 @@ def test_dropout_forward_backward_consistent(packed):
         probs = torch.softmax((q * D ** -0.5) @ k.transpose(-2, -1), dim=-1)
         return (probs * keep / (1 - p)) @ v
 
+    def kernel(qkv):
+        # Replay _keep_mask's draws so this call gets the same Philox seed.
+        torch.manual_seed(3)
+        torch.randn(2, B, H, N, 64, device=DEVICE)
+        if packed:
+            return vk.ops.qkv_attention(qkv, H, dropout_p=p)
+        return vk.ops.attention(*reference.split_qkv(qkv, H), dropout_p=p).transpose(1, 2).reshape(B, N, -1)
+
+    def masked(qkv):
+        return ref(*reference.split_qkv(qkv, H)).transpose(1, 2).reshape(B, N, -1)
+
     qkv = torch.randn(B, N, 3 * H * D, device=DEVICE, requires_grad=True)
-    grad_out = torch.randn(B, N, H * D, device=DEVICE, dtype=torch.float64)
-    results = {}
-    for name, x in (("exact", qkv.detach().double().requires_grad_()), ("baseline", qkv), ("actual", qkv)):
-        if name == "actual":
-            # Replay _keep_mask's draws so this call gets the same Philox seed.
-            torch.manual_seed(3)
-            torch.randn(2, B, H, N, 64, device=DEVICE)
-            with vk.use_backend("triton"):
-                if packed:
-                    out = vk.ops.qkv_attention(x, H, dropout_p=p)
-                else:
-                    out = vk.ops.attention(*reference.split_qkv(x, H), dropout_p=p)
-                    out = out.transpose(1, 2).reshape(B, N, -1)
-        else:
-            out = ref(*reference.split_qkv(x, H)).transpose(1, 2).reshape(B, N, -1)
-        results[name] = (out, *torch.autograd.grad(out, x, grad_out.to(x.dtype)))
-    for i, name in enumerate(("out", "dqkv")):
-        assert_within_pytorch_error(name, results["actual"][i], results["baseline"][i], results["exact"][i])
+    check(Op(kernel, masked), Sample(dict(qkv=qkv)))
 
 
 # --- edge values --------------------------------------------------------------------------------
@@ -219,13 +143,9 @@ def test_large_logits_do_not_overflow(dtype):
     B, H, N, D = 1, 2, 33, 64
     # |q . k| * scale around 1e4: exp would overflow without the running-max subtraction.
     q, k, v = (torch.randn(B, H, N, D, device=DEVICE) * s for s in (100.0, 100.0, 1.0))
-    exact = reference.attention(q.double(), k.double(), v.double())
-    baseline = reference.attention(*(t.to(dtype) for t in (q, k, v)))
-    with vk.use_backend("triton"):
-        out = vk.ops.attention(*(t.to(dtype) for t in (q, k, v)))
     assert (q.double() @ k.double().transpose(-2, -1) * D ** -0.5).abs().max() > 1e3
-    assert torch.isfinite(out).all()
-    assert_within_pytorch_error("out", out, baseline, exact)
+    [ours] = check(ATTENTION, Sample(dict(q=q.to(dtype), k=k.to(dtype), v=v.to(dtype))))
+    assert torch.isfinite(ours["out"]).all()
 
 
 @pytest.mark.filterwarnings("ignore:invalid value:RuntimeWarning")  # the interpreter's numpy on NaN
@@ -287,26 +207,28 @@ def test_implementation_tells_the_truth():
 
 # --- torch.library --------------------------------------------------------------------------------
 
-def test_opcheck():
+OPCHECK_SAMPLES = {
+    # q-norm with weight and bias, no k-norm: the fused norm arguments and their absence.
+    "qkv_attention, q-norm": lambda qkv, H, D: (QKV_ATTENTION, Sample(
+        dict(qkv=qkv, **_norm_parameters(D, torch.float32, which=("q",))), dict(num_heads=H))),
+    "attention, dropout": lambda qkv, H, D: (ATTENTION, Sample(
+        dict(zip("qkv", (t.detach().requires_grad_() for t in reference.split_qkv(qkv, H)))), dict(dropout_p=0.3))),
+}
+
+
+@pytest.mark.parametrize("name", list(OPCHECK_SAMPLES))
+def test_opcheck(name):
     B, H, N, D = 1, 2, 17, 32
-    qkv = torch.randn(B, N, 3 * H * D, device=DEVICE, requires_grad=True)
-    w, b = torch.randn(2, D, device=DEVICE, requires_grad=True)
-    q, k, v = (t.detach().requires_grad_() for t in reference.split_qkv(qkv, H))
-    with vk.use_backend("triton"):
-        torch.library.opcheck(attention_op.qkv_attention_fwd_op, (qkv, H, D ** -0.5, 0.0, None, w, b, 1e-5,
-                                                                  None, None, 0.0))
-        torch.library.opcheck(attention_op.attention_fwd_op, (q, k, v, 0.3, 0.0, None, True))
-        # The backward op has no derivative of its own (no double backward): plain tensors.
-        qkv, w, b = qkv.detach(), w.detach(), b.detach()
-        out, lse = attention_op.qkv_attention_fwd_op(qkv, H, D ** -0.5, 0.0, None, w, b, 1e-5, None, None, 0.0)
-        torch.library.opcheck(attention_op.qkv_attention_bwd_op, (torch.randn_like(out), qkv, out, lse, H,
-                                                                  D ** -0.5, 0.0, None, w, b, 1e-5, None, None, 0.0))
+    op, case = OPCHECK_SAMPLES[name](torch.randn(B, N, 3 * H * D, device=DEVICE, requires_grad=True), H, D)
+    prefix = name.split(",")[0]
+    checked = opcheck(op, case)
+    assert checked == [f"vit_kernels.{prefix}_fwd.default", f"vit_kernels.{prefix}_bwd.default"], checked
 
 
 def test_torch_compile_fullgraph():
     B, H, N, D = 1, 2, 17, 32
     qkv = torch.randn(B, N, 3 * H * D, device=DEVICE, requires_grad=True)
-    k_norm = _randomised(nn.LayerNorm(D)).to(DEVICE)
+    k_norm = layer_norm_with(*_norm_parameters(D, torch.float32, which=("k",)).values())
 
     def f(qkv):
         return vk.ops.qkv_attention(qkv, H, k_norm=k_norm).sum()

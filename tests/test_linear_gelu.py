@@ -7,10 +7,9 @@ from torch.utils._python_dispatch import TorchDispatchMode
 import vit_kernels as vk
 from vit_kernels import reference
 
-from .utils import assert_within_pytorch_error, poisoned_allocations
+from .utils import DEVICE, LINEAR, Op, Sample, check, opcheck
 
 
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 ACTIVATIONS = ("none",) + reference.ACTIVATIONS
 
 SHAPES = [  # (leading shape of x, K, N)
@@ -20,36 +19,14 @@ SHAPES = [  # (leading shape of x, K, N)
 ]
 
 
-def _inputs(lead, K, N, dtype, bias=True, requires_grad=True):
+def sample(lead, K, N, dtype, activation="none", bias=True, requires_grad=True, **kwargs):
+    """x (*lead, K), weight (N, K) and bias (N,) (or None) in ``dtype``; ``kwargs``: the op's other arguments."""
     x = torch.randn(*lead, K, device=DEVICE)
     # nn.Linear's scale keeps the pre-activation O(1), where the activations are non-linear.
     w = torch.randn(N, K, device=DEVICE) * max(K, 1) ** -0.5
     b = torch.randn(N, device=DEVICE) if bias else None
-    return [t if t is None else t.to(dtype).requires_grad_(requires_grad) for t in (x, w, b)]
-
-
-def _run(fn, activation, x, w, b, grad, **kwargs):
-    """The output and the gradients of (x, w, b) (None where absent) for ``fn`` at these inputs."""
-    y = fn(x, w, b, **kwargs) if activation == "none" else fn(x, w, b, activation, **kwargs)
-    inputs = [t for t in (x, w, b) if t is not None and t.requires_grad]
-    grads = iter(torch.autograd.grad(y, inputs, grad))
-    return [y.detach()] + [next(grads) if t is not None and t.requires_grad else None for t in (x, w, b)]
-
-
-def _check(activation, x, w, b, grad, **kwargs):
-    """Ours (Triton, poisoned allocations) vs the reference in x's dtype vs the reference in float64."""
-    op = vk.ops.linear if activation == "none" else vk.ops.linear_gelu
-    ref = reference.linear if activation == "none" else reference.linear_gelu
-    with vk.use_backend("triton"), poisoned_allocations():
-        ours = _run(op, activation, x, w, b, grad, **kwargs)
-    baseline = _run(ref, activation, x, w, b, grad)
-    as64 = [t if t is None else t.detach().double().requires_grad_(t.requires_grad) for t in (x, w, b)]
-    exact = _run(ref, activation, *as64, grad.double())
-    for name, o, bl, ex in zip(("out", "dx", "dw", "db"), ours, baseline, exact):
-        assert (o is None) == (ex is None), name
-        if o is not None:
-            assert o.dtype == x.dtype, f"{name}: dtype {o.dtype}, expected {x.dtype}"
-            assert_within_pytorch_error(f"{activation} {name}", o, bl, ex)
+    x, w, b = (t if t is None else t.to(dtype).requires_grad_(requires_grad) for t in (x, w, b))
+    return Sample(dict(x=x, weight=w, bias=b), dict(activation=activation, **kwargs))
 
 
 @pytest.mark.parametrize("has_bias", [True, False])
@@ -57,8 +34,7 @@ def _check(activation, x, w, b, grad, **kwargs):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("lead,K,N", SHAPES)
 def test_forward_backward(lead, K, N, dtype, activation, has_bias):
-    x, w, b = _inputs(lead, K, N, dtype, has_bias)
-    _check(activation, x, w, b, torch.randn(*lead, N, device=DEVICE, dtype=dtype))
+    check(LINEAR, sample(lead, K, N, dtype, activation, has_bias))
 
 
 @pytest.mark.cuda  # the interpreter has no bfloat16 arithmetic
@@ -73,26 +49,23 @@ def test_bfloat16_and_large_shapes(lead, K, N, activation, recompute):
     if activation == "none" and recompute:
         pytest.skip("recompute only concerns an activation")
     for dtype in (torch.bfloat16, torch.float16):
-        x, w, b = _inputs(lead, K, N, dtype)
-        kwargs = dict(recompute=True) if recompute else {}
-        _check(activation, x, w, b, torch.randn(*lead, N, device=DEVICE, dtype=dtype), **kwargs)
+        check(LINEAR, sample(lead, K, N, dtype, activation, recompute=recompute))
 
 
 @pytest.mark.parametrize("activation", reference.ACTIVATIONS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_recompute_pre_activation(dtype, activation):
     # (2, 65) tokens, K = 33, N = 129: the recompute GEMM's epilogue sees every masked edge.
-    x, w, b = _inputs((2, 65), 33, 129, dtype)
-    _check(activation, x, w, b, torch.randn(2, 65, 129, device=DEVICE, dtype=dtype), recompute=True)
+    check(LINEAR, sample((2, 65), 33, 129, dtype, activation, recompute=True))
 
 
 @pytest.mark.parametrize("activation", reference.ACTIVATIONS)
 def test_saturated_activations(activation):
     # Pre-activations of |x| up to ~150: the sigmoid's e^-z overflows float32 below z = -88, where
     # the derivative must come out 0, not NaN (inf * 0), and above z = 2 where 1 - s would cancel.
-    x, w, b = _inputs((2, 65), 33, 129, torch.float32)
-    w = (w.detach() * 40).requires_grad_()
-    _check(activation, x, w, b, torch.randn(2, 65, 129, device=DEVICE))
+    case = sample((2, 65), 33, 129, torch.float32, activation)
+    case.tensors["weight"] = (case.tensors["weight"].detach() * 40).requires_grad_()
+    check(LINEAR, case)
 
 
 @pytest.mark.parametrize("activation", ["none", "gelu"])
@@ -105,7 +78,7 @@ def test_strided_operands(activation):
     b = torch.randn(N, device=DEVICE).requires_grad_()
     grad = torch.randn(1, N, device=DEVICE).expand(M, N)
     assert not x.is_contiguous() and not w.is_contiguous() and grad.stride(0) == 0
-    _check(activation, x, w, b, grad)
+    check(LINEAR, Sample(dict(x=x, weight=w, bias=b), dict(activation=activation), cotangents=[grad]))
 
 
 def test_non_flattenable_leading_dims():
@@ -113,56 +86,52 @@ def test_non_flattenable_leading_dims():
     x = torch.randn(7, 3, 40, device=DEVICE).permute(1, 0, 2).requires_grad_()
     w = (torch.randn(56, 40, device=DEVICE) * 40 ** -0.5).requires_grad_()
     b = torch.randn(56, device=DEVICE).requires_grad_()
-    _check("gelu", x, w, b, torch.randn(3, 7, 56, device=DEVICE))
+    check(LINEAR, Sample(dict(x=x, weight=w, bias=b), dict(activation="gelu")))
 
 
 @pytest.mark.parametrize("frozen", ["x", "weight", "weight+bias"])
 def test_partial_gradients(frozen):
     # A frozen input gets no gradient and the others still match: the first layer's image
     # tokens, a frozen fc1 with a trained bias (bias tuning), a frozen layer.
-    x, w, b = _inputs((2, 33), 40, 72, torch.float32)
-    for name, t in (("x", x), ("weight", w), ("bias", b)):
-        if name in frozen.split("+"):
-            t.requires_grad_(False)
-    _check("gelu", x, w, b, torch.randn(2, 33, 72, device=DEVICE))
+    case = sample((2, 33), 40, 72, torch.float32, "gelu")
+    for name in frozen.split("+"):
+        case.tensors[name].requires_grad_(False)
+    [ours] = check(LINEAR, case)
+    assert {"dx", "dweight", "dbias"} - set(ours) == {f"d{name}" for name in frozen.split("+")}
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, pytest.param(torch.bfloat16, marks=pytest.mark.cuda)])
 @pytest.mark.parametrize("activation", ["none", "gelu"])
 def test_autocast(activation, dtype):
     # As nn.Linear under autocast: fp32 parameters and input computed in the autocast dtype,
-    # gradients back in fp32. On the CPU fp16 autocast runs the kernel in the interpreter.
-    x, w, b = _inputs((3, 40), 48, 80, torch.float32)
-    op = vk.ops.linear if activation == "none" else vk.ops.linear_gelu
-    ref = reference.linear if activation == "none" else reference.linear_gelu
-    grad = torch.randn(3, 40, 80, device=DEVICE, dtype=dtype)
-    with torch.autocast(DEVICE, dtype=dtype):
-        with vk.use_backend("triton"):
-            ours = _run(op, activation, x, w, b, grad)
-        baseline = _run(ref, activation, x, w, b, grad)
-    as64 = [t.detach().to(dtype).double().requires_grad_() for t in (x, w, b)]
-    exact = _run(ref, activation, *as64, grad.double())
-    assert ours[0].dtype == baseline[0].dtype == dtype
-    for name, o, bl, ex in zip(("out", "dx", "dw", "db"), ours, baseline, exact):
-        assert o.dtype == bl.dtype, f"{name}: {o.dtype} vs nn.Linear's {bl.dtype}"
-        assert_within_pytorch_error(f"autocast {name}", o, bl, ex)
+    # gradients back in fp32 (the harness checks each dtype against nn.Linear's). On the CPU fp16
+    # autocast runs the kernel in the interpreter.
+    case = sample((3, 40), 48, 80, torch.float32, activation)
+    case.autocast = dtype
+    [ours] = check(LINEAR, case)
+    assert ours["out"].dtype == dtype and ours["dx"].dtype == torch.float32
 
 
 @pytest.mark.parametrize("recompute", [False, True])
-def test_dynamo_fullgraph_capture(recompute):
-    # backend="eager": Dynamo captures the whole MLP (validation, autocast query, reshape,
-    # op call) without a graph break; Inductor's lowering is tested on a GPU below.
-    x, w1, b1 = _inputs((2, 9), 32, 64, torch.float32)
-    _, w2, b2 = _inputs((1,), 64, 32, torch.float32)
+@pytest.mark.parametrize("compiler,dtype,lead,width,hidden", [
+    # backend="eager": Dynamo captures the whole MLP (validation, autocast query, reshape, op call)
+    # without a graph break, on any device.
+    ("eager", torch.float32, (2, 9), 32, 64),
+    # Inductor decomposes the triton_op into its kernels: interpreted ones cannot be traced.
+    pytest.param("inductor", torch.float16, (2, 197), 64, 256, marks=pytest.mark.cuda),
+])
+def test_torch_compile_fullgraph(compiler, dtype, lead, width, hidden, recompute):
+    x, w1, b1 = sample(lead, width, hidden, dtype).tensors.values()
+    _, w2, b2 = sample((1,), hidden, width, dtype).tensors.values()
 
     def mlp(x, w1, b1, w2, b2):
         return vk.ops.linear(vk.ops.linear_gelu(x, w1, b1, recompute=recompute), w2, b2)
 
     with vk.use_backend("triton"):
-        y = torch.compile(mlp, fullgraph=True, backend="eager")(x, w1, b1, w2, b2)
-        grads = torch.autograd.grad(y.square().sum(), (x, w1, b1, w2, b2))
+        y = torch.compile(mlp, fullgraph=True, backend=compiler)(x, w1, b1, w2, b2)
+        grads = torch.autograd.grad(y.float().square().sum(), (x, w1, b1, w2, b2))
         y_eager = mlp(x, w1, b1, w2, b2)
-        grads_eager = torch.autograd.grad(y_eager.square().sum(), (x, w1, b1, w2, b2))
+        grads_eager = torch.autograd.grad(y_eager.float().square().sum(), (x, w1, b1, w2, b2))
     torch.testing.assert_close(y, y_eager)
     for g, ge in zip(grads, grads_eager):
         torch.testing.assert_close(g, ge)
@@ -171,7 +140,7 @@ def test_dynamo_fullgraph_capture(recompute):
 @pytest.mark.parametrize("M,K,N", [(0, 32, 64), (4, 0, 64), (4, 32, 0)])
 def test_empty_dimensions(M, K, N):
     # No tokens, no input features, no output features: shapes and gradients of an empty sum.
-    x, w, b = _inputs((M,), K, N, torch.float32)
+    x, w, b = sample((M,), K, N, torch.float32).tensors.values()
     with vk.use_backend("triton"):
         y = vk.ops.linear_gelu(x, w, b)
         dx, dw, db = torch.autograd.grad(y, (x, w, b), torch.randn_like(y))
@@ -198,7 +167,7 @@ class _SavePreSpy(TorchDispatchMode):
 @pytest.mark.parametrize("grad_mode", ["train", "no_grad", "frozen"])
 def test_pre_activation_kept_only_for_a_backward(grad_mode, recompute):
     # Inference (no_grad, or nothing requiring grad) must not spend an (M, N) buffer on it.
-    x, w, b = _inputs((5,), 32, 64, torch.float32, requires_grad=grad_mode == "train")
+    x, w, b = sample((5,), 32, 64, torch.float32, requires_grad=grad_mode == "train").tensors.values()
     spy = _SavePreSpy()
     with vk.use_backend("triton"), torch.set_grad_enabled(grad_mode != "no_grad"), spy:
         vk.ops.linear_gelu(x, w, b, recompute=recompute)
@@ -206,16 +175,16 @@ def test_pre_activation_kept_only_for_a_backward(grad_mode, recompute):
 
 
 def test_saved_pre_activation():
-    x, w, b = _inputs((5,), 32, 64, torch.float32, requires_grad=False)
-    with vk.use_backend("triton"):
-        out, pre = torch.ops.vit_kernels.linear_act_fwd(x, w, b, "gelu", True)
-    exact = reference.linear(x.double(), w.double(), b.double())
-    assert_within_pytorch_error("pre", pre, reference.linear(x, w, b), exact)
-    assert_within_pytorch_error("out", out, reference.linear_gelu(x, w, b), reference.activation(exact, "gelu"))
+    # The forward op's second output, kept for the backward: x @ W^T + b before the activation.
+    op = Op(lambda x, weight, bias, activation: torch.ops.vit_kernels.linear_act_fwd(x, weight, bias, activation, True),
+            lambda x, weight, bias, activation: (reference.linear_gelu(x, weight, bias, activation),
+                                                 reference.linear(x, weight, bias)),
+            outputs=("out", "pre"))
+    check(op, sample((5,), 32, 64, torch.float32, "gelu", requires_grad=False))
 
 
 def test_bad_input():
-    x, w, b = _inputs((4,), 32, 64, torch.float32)
+    x, w, b = sample((4,), 32, 64, torch.float32).tensors.values()
     with pytest.raises(ValueError, match=r"weight must have shape \(N, 32\)"):
         vk.ops.linear_gelu(x, w[:, :16], b)
     with pytest.raises(ValueError, match=r"weight must have shape"):
@@ -235,7 +204,7 @@ def test_bad_input():
 
 
 def test_float64_runs_the_reference():
-    x, w, b = _inputs((4,), 32, 64, torch.float64)
+    x, w, b = sample((4,), 32, 64, torch.float64).tensors.values()
     with vk.use_backend("triton"):
         y = vk.ops.linear_gelu(x, w, b)
     torch.testing.assert_close(y, reference.linear_gelu(x, w, b), rtol=0, atol=0)
@@ -248,43 +217,20 @@ def test_implementation_reports_triton():
         assert vk.ops.implementation("linear_gelu", DEVICE)[0] == "torch"
 
 
-# test_aot_dispatch_dynamic traces the triton_op's body into a graph (as torch.compile does);
-# wrap_triton cannot trace an interpreted kernel, so that check runs on a GPU only.
-OPCHECK_UTILS = ("test_schema", "test_autograd_registration", "test_faketensor") + (
-    ("test_aot_dispatch_dynamic",) if torch.cuda.is_available() else ())
+OPCHECK_SAMPLES = {
+    "gelu, pre-activation saved": dict(activation="gelu"),
+    "gelu, pre-activation recomputed": dict(activation="gelu", recompute=True),
+    "quick_gelu": dict(activation="quick_gelu"),
+    "no activation, no bias, weight gradient only": dict(activation="none", bias=False, frozen="x"),
+}
 
 
-@pytest.mark.parametrize("save_pre", [True, False])
-def test_opcheck(save_pre):
-    x, w, b = _inputs((20,), 24, 40, torch.float32)
-    grad = torch.randn(20, 40, device=DEVICE)
-    pre = (x @ w.t() + b).detach() if save_pre else x.new_empty(0)
-    for op, args in [
-        (torch.ops.vit_kernels.linear_act_fwd, (x, w, b, "gelu", save_pre)),
-        (torch.ops.vit_kernels.linear_act_fwd, (x, w, None, "none", save_pre)),
-        (torch.ops.vit_kernels.linear_act_bwd,
-         (grad, x.detach(), w.detach(), b.detach(), pre, "quick_gelu", True, True, True)),
-        (torch.ops.vit_kernels.linear_act_bwd,
-         (grad, x.detach(), w.detach(), None, x.new_empty(0), "none", False, True, False)),
-    ]:
-        torch.library.opcheck(op, args, test_utils=OPCHECK_UTILS)
-
-
-@pytest.mark.cuda  # compiling decomposes the triton_op into its kernels: interpreted ones cannot be traced
-@pytest.mark.parametrize("recompute", [False, True])
-def test_torch_compile_fullgraph(recompute):
-    x, w1, b1 = _inputs((2, 197), 64, 256, torch.float16)
-    _, w2, b2 = _inputs((1,), 256, 64, torch.float16)
-
-    def mlp(x, w1, b1, w2, b2):
-        return vk.ops.linear(vk.ops.linear_gelu(x, w1, b1, recompute=recompute), w2, b2)
-
-    with vk.use_backend("triton"):
-        compiled = torch.compile(mlp, fullgraph=True)
-        y = compiled(x, w1, b1, w2, b2)
-        grads = torch.autograd.grad(y.float().square().sum(), (x, w1, b1, w2, b2))
-        y_eager = mlp(x, w1, b1, w2, b2)
-        grads_eager = torch.autograd.grad(y_eager.float().square().sum(), (x, w1, b1, w2, b2))
-    torch.testing.assert_close(y, y_eager)
-    for g, ge in zip(grads, grads_eager):
-        torch.testing.assert_close(g, ge)
+@pytest.mark.parametrize("name", list(OPCHECK_SAMPLES))
+def test_opcheck(name):
+    kwargs = dict(OPCHECK_SAMPLES[name])
+    frozen = kwargs.pop("frozen", None)
+    case = sample((20,), 24, 40, torch.float32, **kwargs)
+    if frozen:
+        case.tensors[frozen].requires_grad_(False)
+    checked = opcheck(LINEAR, case)
+    assert checked == ["vit_kernels.linear_act_fwd.default", "vit_kernels.linear_act_bwd.default"], checked

@@ -12,35 +12,9 @@ import vit_kernels as vk
 from vit_kernels import backend, reference
 from vit_kernels.kernels import attention as attention_kernels
 
-from .utils import assert_within_pytorch_error, layer_norm_with, poisoned_allocations
+from .utils import ADD_LAYER_NORM, DEVICE, LINEAR, QKV_ATTENTION, Sample, check, poisoned_allocations
 
-
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 needs_interpreter = pytest.mark.skipif(not backend.interpreter_enabled(), reason="the Triton interpreter's limits")
-
-
-def _exact_and_baseline(fn, leaves, grad_outs):
-    """[outputs..., grads of leaves...] of fn in float64 (exact) and in the leaves' dtype (PyTorch)."""
-    results = []
-    for cast in (torch.Tensor.double, lambda t: t):
-        inputs = [cast(t.detach()).requires_grad_() for t in leaves]
-        outs = fn(*inputs)
-        grads = torch.autograd.grad(outs, inputs, [g.to(o.dtype) for g, o in zip(grad_outs, outs)])
-        results.append([*outs, *grads])
-    return results
-
-
-def _check(names, fn_kernel, fn_reference, leaves):
-    """fn_kernel on the kernel path (poisoned allocations) against fn_reference in float64."""
-    with torch.no_grad():
-        grad_outs = [torch.randn_like(o) for o in fn_reference(*[t.double() for t in leaves])]
-    exact, baseline = _exact_and_baseline(fn_reference, leaves, grad_outs)
-    inputs = [t.detach().requires_grad_() for t in leaves]
-    with vk.use_backend("triton"), poisoned_allocations():
-        outs = fn_kernel(*inputs)
-        actual = [*outs, *torch.autograd.grad(outs, inputs, [g.to(o.dtype) for g, o in zip(grad_outs, outs)])]
-    for name, a, b, e in zip(names, actual, baseline, exact):
-        assert_within_pytorch_error(name, a, b, e)
 
 
 # --- 1. strided, expanded and offset 1-D parameters -------------------------------------------------
@@ -58,16 +32,12 @@ def test_add_layer_norm_strided_parameters(param, view):
     x, residual = torch.randn(B, N, C, device=DEVICE), torch.randn(B, N, C, device=DEVICE)
     size = B if param == "row_scale" else C
     base = (1 + 0.3 * torch.randn(2 * size + 1, device=DEVICE))
-
-    def op(impl):
-        def run(x, residual, base):
-            params = dict(weight=None, bias=None, gamma=None, row_scale=None)
-            params[param] = _views(base, size)[view]
-            return impl(x, residual, params["weight"], params["bias"], 1e-6, params["gamma"], params["row_scale"])
-        return run
-
-    _check(["normed", "new_residual", "dx", "dresidual", f"d{param} (through the view)"],
-           op(vk.ops.add_layer_norm), op(reference.add_layer_norm), [x, residual, base])
+    tensors = dict(x=x, residual=residual, weight=None, bias=None, gamma=None, row_scale=None)
+    tensors[param] = base
+    for t in (x, residual, base):
+        t.requires_grad_()
+    # d<param> is base's gradient, through the view.
+    check(ADD_LAYER_NORM, Sample(tensors, dict(eps=1e-6), views={param: lambda b: _views(b, size)[view]}))
 
 
 @pytest.mark.parametrize("view", ["stepped", "expanded", "offset"])
@@ -75,37 +45,25 @@ def test_add_layer_norm_strided_parameters(param, view):
 def test_linear_strided_bias(activation, view):
     x, weight = torch.randn(5, 33, 32, device=DEVICE), torch.randn(24, 32, device=DEVICE) / 32 ** 0.5
     base = torch.randn(49, device=DEVICE)
-
-    def op(impl):
-        def run(x, weight, base):
-            bias = _views(base, 24)[view]
-            return (impl(x, weight, bias),) if activation == "none" else (impl(x, weight, bias, activation),)
-        return run
-
-    kernel, ref = (vk.ops.linear, reference.linear) if activation == "none" else \
-        (vk.ops.linear_gelu, reference.linear_gelu)
-    _check(["out", "dx", "dweight", "dbias (through the view)"], op(kernel), op(ref), [x, weight, base])
+    tensors = {name: t.requires_grad_() for name, t in dict(x=x, weight=weight, bias=base).items()}
+    check(LINEAR, Sample(tensors, dict(activation=activation), views={"bias": lambda b: _views(b, 24)[view]}))
 
 
 @pytest.mark.parametrize("view", ["stepped", "expanded", "offset"])
 def test_qk_norm_strided_parameters(view):
     B, N, H, D = 2, 37, 2, 32
     qkv = torch.randn(B, N, 3 * H * D, device=DEVICE)
-    bases = [1 + 0.3 * torch.randn(2 * D + 1, device=DEVICE), 0.3 * torch.randn(2 * D + 1, device=DEVICE),
-             1 + 0.3 * torch.randn(2 * D + 1, device=DEVICE), 0.3 * torch.randn(2 * D + 1, device=DEVICE)]
-
-    def op(impl):
-        def run(qkv, qw, qb, kw, kb):
-            q_norm = layer_norm_with(_views(qw, D)[view], _views(qb, D)[view])
-            # The k-norm's bias stays stepped: one bias added to every key shifts each row's scores
-            # by a constant, so the gradient of an expanded (shared) k bias is exactly 0 and its
-            # error only rounding noise of a cancellation.
-            k_norm = layer_norm_with(_views(kw, D)[view], _views(kb, D)["stepped"])
-            return (impl(qkv, H, q_norm=q_norm, k_norm=k_norm),)
-        return run
-
-    _check(["out", "dqkv", "dq_norm weight", "dq_norm bias", "dk_norm weight", "dk_norm bias"],
-           op(vk.ops.qkv_attention), op(reference.qkv_attention), [qkv, *bases])
+    bases = dict(q_weight=1 + 0.3 * torch.randn(2 * D + 1, device=DEVICE),
+                 q_bias=0.3 * torch.randn(2 * D + 1, device=DEVICE),
+                 k_weight=1 + 0.3 * torch.randn(2 * D + 1, device=DEVICE),
+                 k_bias=0.3 * torch.randn(2 * D + 1, device=DEVICE))
+    views = {name: lambda b: _views(b, D)[view] for name in bases}
+    # The k-norm's bias stays stepped: one bias added to every key shifts each row's scores
+    # by a constant, so the gradient of an expanded (shared) k bias is exactly 0 and its
+    # error only rounding noise of a cancellation.
+    views["k_bias"] = lambda b: _views(b, D)["stepped"]
+    tensors = {name: t.requires_grad_() for name, t in dict(qkv=qkv, **bases).items()}
+    check(QKV_ATTENTION, Sample(tensors, dict(num_heads=H), views=views))
 
 
 # --- 2. the qk-norm partial sums do not depend on which configs ran before --------------------------
@@ -134,17 +92,10 @@ def test_qk_norm_gradients_whatever_configs_ran_before(monkeypatch, blocks):
                             _ConfigsInSequence(getattr(attention_kernels, kernel), configs))
     B, N, H, D = 1, 197, 2, 32  # 197 rows: 4 slots of 64, 2 blocks of 128
     qkv = torch.randn(B, N, 3 * H * D, device=DEVICE)
-    q_norm = layer_norm_with(1 + 0.3 * torch.randn(D), 0.3 * torch.randn(D))
-    k_norm = layer_norm_with(1 + 0.3 * torch.randn(D), 0.3 * torch.randn(D))
-
-    def op(impl):
-        def run(qkv, qw, qb, kw, kb):
-            return (impl(qkv, H, q_norm=layer_norm_with(qw, qb), k_norm=layer_norm_with(kw, kb)),)
-        return run
-
-    _check(["out", "dqkv", "dq_norm weight", "dq_norm bias", "dk_norm weight", "dk_norm bias"],
-           op(vk.ops.qkv_attention), op(reference.qkv_attention),
-           [qkv, q_norm.weight, q_norm.bias, k_norm.weight, k_norm.bias])
+    norms = dict(q_weight=1 + 0.3 * torch.randn(D), q_bias=0.3 * torch.randn(D),
+                 k_weight=1 + 0.3 * torch.randn(D), k_bias=0.3 * torch.randn(D))
+    tensors = {name: t.requires_grad_() for name, t in dict(qkv=qkv, **norms).items()}
+    check(QKV_ATTENTION, Sample(tensors, dict(num_heads=H)))
 
 
 # --- 3. bfloat16 dots in the interpreter are refused, not computed wrongly -------------------------

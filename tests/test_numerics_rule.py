@@ -1,9 +1,10 @@
 """The numerics rule of tests/utils.py judges results, so it is tested too: it passes a result
-as accurate as PyTorch's whatever the rounding luck, and fails one that is really worse."""
+as accurate as PyTorch's whatever the rounding luck, and fails one that is really worse; and
+the harness built on it, check(), fails an op wrong in any output, gradient or dtype."""
 import pytest
 import torch
 
-from .utils import FACTOR, MIN_SAMPLES, assert_within_pytorch_error
+from .utils import FACTOR, MIN_SAMPLES, Op, Sample, assert_within_pytorch_error, check, opcheck
 
 
 def _gemm(M, K, N, dtype, seed):
@@ -72,3 +73,56 @@ def test_too_few_elements_is_an_error():
     x = torch.randn(100, 3)
     with pytest.raises(ValueError, match="too few"):
         assert_within_pytorch_error("3 sums", x.sum(0), x.sum(0), x.double().sum(0))
+
+
+# --- the harness built on the rule: check() fails an op that is wrong anywhere ------------------
+
+class _ScaledGrad(torch.autograd.Function):
+    """x * w with d(w) off by ``scale``: a wrong gradient behind a right forward."""
+
+    @staticmethod
+    def forward(ctx, x, w, scale):
+        ctx.save_for_backward(x, w)
+        ctx.scale = scale
+        return x * w
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, w = ctx.saved_tensors
+        return grad * w, ((grad * x).sum(0) * ctx.scale), None
+
+
+def _mul(scale=1.0, unwritten=False):
+    def call(x, w):
+        out = _ScaledGrad.apply(x, w, scale)
+        if unwritten:  # a kernel that skips its last row, in a poisoned allocation
+            partial = torch.empty_like(out)
+            partial[:-1] = out[:-1]
+            return partial
+        return out
+    return call
+
+
+def _sample():
+    return Sample(dict(x=torch.randn(40, 33, requires_grad=True), w=torch.randn(33, requires_grad=True)),
+                  views={"x": lambda t: t.t().contiguous().t()})
+
+
+def test_check_passes_a_right_op():
+    [ours] = check(Op(_mul(), lambda x, w: x * w, backend="torch"), _sample())
+    assert list(ours) == ["out", "dx", "dw"]
+
+
+@pytest.mark.parametrize("op,match", [
+    (_mul(scale=1.01), "dw: rms"),
+    (_mul(unwritten=True), "out: nan .* unwritten"),
+    (lambda x, w: (x * w).double(), "out: dtype torch.float64, PyTorch's torch.float32"),
+])
+def test_check_fails_a_wrong_op(op, match):
+    with pytest.raises(AssertionError, match=match):
+        check(Op(op, lambda x, w: x * w, backend="torch"), _sample())
+
+
+def test_opcheck_needs_a_custom_op():
+    with pytest.raises(AssertionError, match="called no vit_kernels op"):
+        opcheck(Op(_mul(), _mul(), backend="torch"), _sample())

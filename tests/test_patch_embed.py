@@ -16,7 +16,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 import vit_kernels as vk
 from vit_kernels import _extension, reference
 from vit_kernels.ops import _patch_embed as pe
-from tests.utils import MIN_SAMPLES, assert_within_pytorch_error
+from tests.utils import MIN_SAMPLES, PATCH_EMBED, Sample, check, opcheck
 
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
@@ -69,22 +69,14 @@ def grads_of(out, case, cotangent):
 
 def check_against_reference(case, pad=False, dtype=torch.float32):
     """Forward and every gradient: extension in ``dtype`` vs PyTorch in ``dtype``, both vs float64."""
-    ours_in, base_in, exact_in = leaves(case, dtype), leaves(case, dtype), leaves(case, torch.float64)
-    # The float64 oracle on a contiguous image: same values, and CPU float64 convolution is very
-    # slow on channels-last.
-    exact_in["images"] = exact_in["images"].detach().contiguous().requires_grad_(exact_in["images"].requires_grad)
-    ours = vk.ops.patch_embed(**ours_in, pad=pad)
-    with vk.use_backend("torch"):
-        base = vk.ops.patch_embed(**base_in, pad=pad)
-        exact = vk.ops.patch_embed(**exact_in, pad=pad)
-    assert ours.dtype == dtype
-    assert_within_pytorch_error("out", ours, base, exact)
-    cotangent = torch.randn_like(exact)
-    g_ours, g_base, g_exact = (grads_of(o, c, cotangent.to(o.dtype))
-                               for o, c in ((ours, ours_in), (base, base_in), (exact, exact_in)))
-    assert g_ours.keys() == g_exact.keys()
-    for name in g_exact:
-        assert_within_pytorch_error(f"d {name}", g_ours[name], g_base[name], g_exact[name])
+    [ours] = check(PATCH_EMBED, Sample(leaves(case, dtype), dict(pad=pad)))
+    assert ours["out"].dtype == dtype
+
+
+def check_op(case, pad=False):
+    """torch.library.opcheck of the C++ op as vk.ops.patch_embed calls it on ``case``."""
+    checked = opcheck(PATCH_EMBED, Sample(case, dict(pad=pad)))
+    assert checked == ["vit_kernels.patch_embed.default"], checked
 
 
 # (patch, image size): ViT-S/14 and ViT-B/16 and /32 patches on small grids; non-square grids
@@ -159,22 +151,18 @@ def test_float64_gradcheck():
                                         tuple(inputs[k] for k in NAMES))
 
 
-OPCHECK_CASES = {
-    "uint8, everything": dict(),
-    "float, channels-last, no_embed_class": dict(img_dtype=torch.float32, channels_last=True, pos="patches"),
-    "plain": dict(prefix=0, pos=None, bias=False, norm=False, img_dtype=torch.float32),
+OPCHECK_CASES = {  # name: make_case's arguments, pad
+    "uint8, everything": (dict(), False),
+    "float, channels-last, no_embed_class": (dict(img_dtype=torch.float32, channels_last=True, pos="patches"), False),
+    "plain": (dict(prefix=0, pos=None, bias=False, norm=False, img_dtype=torch.float32), False),
+    "padded": (dict(size=(30, 45), img_dtype=torch.float32), True),
 }
 
 
 @pytest.mark.parametrize("name", list(OPCHECK_CASES))
 def test_opcheck(name):
-    case = leaves(make_case(**OPCHECK_CASES[name]), torch.float32)
-    torch.library.opcheck(torch.ops.vit_kernels.patch_embed.default, tuple(case[k] for k in NAMES) + (False,))
-
-
-def test_opcheck_padded():
-    case = leaves(make_case(size=(30, 45), img_dtype=torch.float32), torch.float32)
-    torch.library.opcheck(torch.ops.vit_kernels.patch_embed.default, tuple(case[k] for k in NAMES) + (True,))
+    kwargs, pad = OPCHECK_CASES[name]
+    check_op(leaves(make_case(**kwargs), torch.float32), pad)
 
 
 def test_torch_compile_fullgraph():
@@ -363,8 +351,7 @@ def test_cuda_matches_reference(dtype, img_dtype, channels_last, patch, size, pa
 
 @pytest.mark.cuda
 def test_cuda_opcheck_and_large_batch():
-    case = leaves(make_case(device="cuda", img_dtype=torch.float32), torch.float32)
-    torch.library.opcheck(torch.ops.vit_kernels.patch_embed.default, tuple(case[k] for k in NAMES) + (False,))
+    check_op(leaves(make_case(device="cuda", img_dtype=torch.float32), torch.float32))
     # ViT-B/16 on a batch of 256 uint8 images: 50,432 rows, K = 768.
     big = make_case(B=256, size=(224, 224), D=768, device="cuda")
     big = {k: None if v is None else v.to(torch.bfloat16) if v.is_floating_point() and k not in ("mean", "std")
@@ -399,7 +386,7 @@ def test_empty_batch_forward_and_backward(implementation, pad):
     for name, grad in grads.items():
         assert grad.shape == case[name].shape and not grad.any(), name
     if implementation == "extension":
-        torch.library.opcheck(torch.ops.vit_kernels.patch_embed.default, tuple(case[k] for k in NAMES) + (pad,))
+        check_op(case, pad)
 
 
 @pytest.mark.parametrize("shape", [(40, 3, 0, 0), (40, 3, 16, 0), (40, 3, 0, 16), (0, 3, 16, 16)])

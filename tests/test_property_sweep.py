@@ -19,12 +19,10 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-import vit_kernels as vk
 from vit_kernels import backend, reference
 
-from .utils import MIN_SAMPLES, assert_within_pytorch_error, layer_norm_with, poisoned_allocations
+from .utils import ADD_LAYER_NORM, ATTENTION, DEVICE, LINEAR, PATCH_EMBED, QKV_ATTENTION, Op, Sample, check
 
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 LAYOUTS = ("contiguous", "transposed", "stepped", "expanded", "offset")
 # bfloat16 dots are refused in the interpreter (backend.refuse_bfloat16_dots).
 DOT_DTYPES = [torch.float32, torch.float16] + ([] if backend.interpreter_enabled() else [torch.bfloat16])
@@ -56,11 +54,11 @@ def _base_and_view(shape: tuple, layout: str, generator: torch.Generator, scale:
 
 
 class Case:
-    """The tensor arguments of one example: named bases with their layouts and dtypes."""
+    """One example: its tensor arguments drawn as bases of named layouts, gathered in a Sample."""
 
-    def __init__(self, data, seed: int):
+    def __init__(self, data, seed: int, **absent):
         self.data, self.generator = data, torch.Generator().manual_seed(seed)
-        self.bases, self.views, self.dtypes = {}, {}, {}
+        self.sample = Sample(dict(absent))
 
     def tensor(self, name: str, shape: tuple, dtype: torch.dtype, scale: float = 1.0, shift: float = 0.0,
                expand_dims: tuple | None = None):
@@ -69,41 +67,21 @@ class Case:
         gradient of the repeated base element is then exactly 0, and its error a cancellation's noise."""
         layout = self.data.draw(st.sampled_from(LAYOUTS), label=f"{name} layout")
         expand_dims = tuple(range(len(shape))) if expand_dims is None else expand_dims
-        self.bases[name], self.views[name] = _base_and_view(shape, layout, self.generator, scale, shift,
-                                                            expand_dims)
-        self.dtypes[name] = dtype
+        base, view = _base_and_view(shape, layout, self.generator, scale, shift, expand_dims)
+        self.sample.tensors[name] = base.to(dtype).requires_grad_()
+        self.sample.views[name] = view
 
-    def run(self, fn, precision: str):
-        """fn(**views) -> tuple of outputs, and the gradients of the bases for fixed random upstream
-        gradients. ``precision``: "exact" (float64), "baseline" (each tensor in its dtype) or "kernel"."""
-        leaves = {n: (b.double() if precision == "exact" else b.to(self.dtypes[n])).requires_grad_()
-                  for n, b in self.bases.items()}
-        outs = fn(**{n: self.views[n](leaf) for n, leaf in leaves.items()})
-        grad_outs = [torch.randn(o.shape, generator=torch.Generator().manual_seed(i)).to(DEVICE, o.dtype)
-                     for i, o in enumerate(outs)]
-        grads = torch.autograd.grad(outs, list(leaves.values()), grad_outs, allow_unused=True)
-        grads = [torch.zeros_like(leaf) if g is None else g for g, leaf in zip(grads, leaves.values())]
-        return [*outs, *grads]
-
-
-def _check(case: Case, names: list, kernel_fn, reference_fn):
-    exact = case.run(reference_fn, "exact")
-    baseline = case.run(reference_fn, "baseline")
-    with vk.use_backend("triton"), poisoned_allocations():
-        actual = case.run(kernel_fn, "kernel")
-    names = [*names, *(f"d{n}" for n in case.bases)]
-    for name, a, b, e in zip(names, actual, baseline, exact):
-        assert a.shape == e.shape, f"{name}: shape {tuple(a.shape)}, expected {tuple(e.shape)}"
-        if a.numel() >= MIN_SAMPLES:
-            assert_within_pytorch_error(name, a, b, e)
-        else:
-            assert torch.isfinite(a).all(), f"{name}: {a}"
+    def check(self, op: Op, **kwargs):
+        """The numerics rule on every output and the gradient of every base, where it has
+        MIN_SAMPLES elements (finiteness below)."""
+        self.sample.kwargs.update(kwargs)
+        check(op, self.sample, small="finite")
 
 
 @SWEEP
 @given(data=st.data(), seed=st.integers(0, 2**31 - 1))
 def test_add_layer_norm_sweep(data, seed):
-    case = Case(data, seed)
+    case = Case(data, seed, residual=None, weight=None, bias=None, gamma=None, row_scale=None)
     B, N = data.draw(st.sampled_from([0, 1, 3]), label="B"), data.draw(st.sampled_from([1, 5]), label="N")
     C = data.draw(st.sampled_from([1, 2, 33, 197, 1000]), label="C")
     dtype = data.draw(st.sampled_from([torch.float32, torch.float16, torch.bfloat16]), label="dtype")
@@ -119,14 +97,7 @@ def test_add_layer_norm_sweep(data, seed):
             case.tensor(name, (C,), param_dtype, scale=0.3, shift=1.0 if name != "bias" else 0.0)
     if flags["row_scale"]:
         case.tensor("row_scale", (B,), dtype, scale=0.2, shift=1.0)
-    eps = data.draw(st.sampled_from([1e-6, 1e-5]), label="eps")
-
-    def op(impl):
-        def run(x, residual=None, weight=None, bias=None, gamma=None, row_scale=None):
-            return impl(x, residual, weight, bias, eps, gamma, row_scale)
-        return run
-
-    _check(case, ["normed", "new_residual"], op(vk.ops.add_layer_norm), op(reference.add_layer_norm))
+    case.check(ADD_LAYER_NORM, eps=data.draw(st.sampled_from([1e-6, 1e-5]), label="eps"))
 
 
 @SWEEP
@@ -142,13 +113,7 @@ def test_linear_sweep(data, seed):
     case.tensor("weight", (N, K), dtype, scale=max(K, 1) ** -0.5)
     if data.draw(st.booleans(), label="bias"):
         case.tensor("bias", (N,), dtype)
-
-    def op(linear, linear_gelu):
-        def run(x, weight, bias=None):
-            return (linear(x, weight, bias),) if activation == "none" else (linear_gelu(x, weight, bias, activation),)
-        return run
-
-    _check(case, ["out"], op(vk.ops.linear, vk.ops.linear_gelu), op(reference.linear, reference.linear_gelu))
+    case.check(LINEAR, activation=activation)
 
 
 @SWEEP
@@ -161,12 +126,7 @@ def test_attention_sweep(data, seed):
     dtype = data.draw(st.sampled_from(DOT_DTYPES), label="dtype")
     for name in ("q", "k", "v"):
         case.tensor(name, (B, H, N, D), dtype, expand_dims=(0, 1, 3) if name == "k" else None)
-    scale = data.draw(st.sampled_from([None, 0.3]), label="scale")
-
-    def op(impl):
-        return lambda q, k, v: (impl(q, k, v, scale),)
-
-    _check(case, ["out"], op(vk.ops.attention), op(reference.attention))
+    case.check(ATTENTION, scale=data.draw(st.sampled_from([None, 0.3]), label="scale"))
 
 
 @SWEEP
@@ -182,15 +142,7 @@ def test_qkv_attention_sweep(data, seed):
         if norms in (which, "both"):
             case.tensor(f"{which}_weight", (D,), torch.float32, scale=0.3, shift=1.0)
             case.tensor(f"{which}_bias", (D,), torch.float32, scale=0.3, expand_dims=() if which == "k" else None)
-
-    def op(impl):
-        def run(qkv, q_weight=None, q_bias=None, k_weight=None, k_bias=None):
-            q_norm = None if q_weight is None else layer_norm_with(q_weight, q_bias, 1e-6)
-            k_norm = None if k_weight is None else layer_norm_with(k_weight, k_bias, 1e-5)
-            return (impl(qkv, H, q_norm=q_norm, k_norm=k_norm),)
-        return run
-
-    _check(case, ["out"], op(vk.ops.qkv_attention), op(reference.qkv_attention))
+    case.check(QKV_ATTENTION, num_heads=H, q_eps=1e-6, k_eps=1e-5)
 
 
 @SWEEP
@@ -217,8 +169,4 @@ def test_patch_embed_sweep(data, seed):
     if data.draw(st.booleans(), label="normalise"):
         case.tensor("mean", (C,), torch.float32, scale=0.1, shift=0.5)
         case.tensor("std", (C,), torch.float32, scale=0.05, shift=0.25)
-
-    def op(impl):
-        return lambda **tensors: (impl(**tensors),)
-
-    _check(case, ["tokens"], op(vk.ops.patch_embed), op(reference.patch_embed))
+    case.check(PATCH_EMBED)
