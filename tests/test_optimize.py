@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 import vit_kernels as vk
-from vit_kernels.fused_block import FusedBlock
+from vit_kernels.layers import Block
 
 timm = pytest.importorskip("timm")
 
@@ -61,7 +61,7 @@ def test_matches_timm(name):
 
     vk.optimize(model)
     assert model.vit_kernels_report.fused_stream
-    assert all(isinstance(b, FusedBlock) for b in model.blocks)
+    assert all(type(b) is Block for b in model.blocks)
     after = model.state_dict()
     assert list(after) == list(before)
     for key, value in before.items():
@@ -105,7 +105,7 @@ def test_vk_model():
     model = vk.create_model("vit_small_patch14_dinov2", depth=2, img_size=56, drop_path_rate=0.2)
     model.load_state_dict(ref.state_dict())
     vk.optimize(model)
-    assert model.vit_kernels_report.fused_stream and isinstance(model.blocks[0], FusedBlock)
+    assert model.vit_kernels_report.fused_stream and type(model.blocks[0]) is Block
     x = torch.randn(2, 3, 56, 56)
     with torch.no_grad():
         torch.testing.assert_close(model.eval()(x), ref.eval()(x))
@@ -224,12 +224,14 @@ def test_flags_and_logging(caplog):
     with caplog.at_level(logging.INFO, logger="vit_kernels.convert"):
         vk.optimize(model, attention=False, mlp=True, norm=False, patch_embed=False)
     assert "residual stream not fused" in caplog.text
-    assert type(model.blocks[0]) is timm.models.vision_transformer.Block  # a clone holding vk's Mlp
+    assert type(model.blocks[0]) is timm.models.vision_transformer.Block  # the block itself, vk's Mlp swapped in
     assert type(model.blocks[0].mlp) is vk.layers.Mlp and type(model.blocks[0].attn) is timm.layers.Attention
     assert type(ref.blocks[0].mlp) is timm.layers.Mlp  # the model built from the same weights is untouched
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         torch.testing.assert_close(model.eval()(x), ref.eval()(x))
+    vk.restore(model)
+    assert type(model.blocks[0].mlp) is timm.layers.Mlp
 
 
 @pytest.mark.parametrize("overrides, unsupported", [

@@ -1,10 +1,13 @@
 """``optimize(model)``: vit_kernels' fused modules swapped into a timm (or vit_kernels) ViT, in place.
 
-Each replacement adopts the original module's children, Parameters and buffers (the same
-objects), so state_dict keys and values, an optimizer made before the call, and module names
-are unchanged. Nothing is mutated but the containers that hold the swapped modules and two
-instance attributes (``forward``, ``forward_features``) that run the fused residual stream;
-the original modules are kept, and ``restore(model)`` puts them back. Classes are never patched.
+Each replacement holds the original module's Parameters and buffers (the same objects) and
+children under the same names, registered with nn.Module's public API (``_adopt``), so
+state_dict keys and values, an optimizer made before the call, and module names are unchanged.
+A module with hooks registered on it is never replaced: it stays where it is, so its hooks keep
+firing, and the report says so. Nothing is mutated but the modules that hold the swapped ones
+and, on a timm VisionTransformer, two instance attributes (``forward``, ``forward_features``)
+that run the fused residual stream (vk's own VisionTransformer runs it without them); the
+original modules are kept, and ``restore(model)`` puts them back. Classes are never patched.
 """
 from __future__ import annotations
 
@@ -12,24 +15,20 @@ import logging
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from types import MethodType
-from typing import Dict, List, Optional, Tuple
+from typing import Callable, Dict, Optional, Union
 
 import torch
 from torch import Tensor, nn
 
-from . import backend, layers, ops
-from .fused_block import FusedBlock, run_blocks
-from .vision_transformer import VisionTransformer
+from . import backend, layers
+from .layers import has_hooks
+from .vision_transformer import VisionTransformer, class_token_only, embed_tokens, run_blocks
 
 log = logging.getLogger(__name__)
 
 _ORIGINALS = "_vit_kernels_originals"
 REPORT_ATTR = "vit_kernels_report"
-
-_HOOK_DICTS = ("_forward_hooks", "_forward_hooks_with_kwargs", "_forward_hooks_always_called",
-               "_forward_pre_hooks", "_forward_pre_hooks_with_kwargs", "_backward_hooks",
-               "_backward_pre_hooks", "_state_dict_hooks", "_state_dict_pre_hooks",
-               "_load_state_dict_pre_hooks", "_load_state_dict_post_hooks")
+_HOOKED = "hooks are registered on it: left as it is, so they fire"
 
 
 @dataclass
@@ -51,28 +50,23 @@ class _Types:
 
     def __init__(self) -> None:
         self.models = [VisionTransformer]
-        self.blocks = [layers.Block]
-        self.attentions = [layers.Attention]
-        self.mlps = [layers.Mlp]
-        self.patch_embeds = [layers.PatchEmbed]
-        self.layer_scales = [layers.LayerScale]
-        self.drop_paths = [layers.DropPath]
+        # vk's module class -> the classes it replaces (LayerNorms are recognised by their forward).
+        self.replaces = {layers.Block: [], layers.Attention: [], layers.Mlp: [], layers.PatchEmbed: [],
+                         layers.LayerScale: [], layers.DropPath: []}
         self.layer_norm_forwards = {nn.LayerNorm.forward, layers.LayerNorm.forward}
         self.activations = {layers.QuickGELU: "quick_gelu"}
         try:
             import timm.layers as tl
+            from timm.layers import activations
             from timm.models import vision_transformer as tv
         except ImportError:
             return
         self.models.append(tv.VisionTransformer)
-        self.blocks.append(tv.Block)
-        self.attentions.append(tl.Attention)
-        self.mlps.append(tl.Mlp)
-        self.patch_embeds.append(tl.PatchEmbed)
-        self.layer_scales.append(tl.LayerScale)
-        self.drop_paths.append(tl.DropPath)
+        for vk_class, timm_class in ((layers.Block, tv.Block), (layers.Attention, tl.Attention),
+                                     (layers.Mlp, tl.Mlp), (layers.PatchEmbed, tl.PatchEmbed),
+                                     (layers.LayerScale, tl.LayerScale), (layers.DropPath, tl.DropPath)):
+            self.replaces[vk_class].append(timm_class)
         self.layer_norm_forwards.add(tl.LayerNorm.forward)
-        from timm.layers import activations
         self.activations.update({activations.GELU: "gelu", activations.GELUTanh: "gelu_tanh",
                                  activations.QuickGELU: "quick_gelu"})
 
@@ -80,6 +74,11 @@ class _Types:
         """A LayerNorm over the last dim whose forward is F.layer_norm (not a subclass redefining it)."""
         return (isinstance(m, nn.LayerNorm) and len(m.normalized_shape) == 1
                 and type(m).forward in self.layer_norm_forwards)
+
+    def is_replaced_by(self, module: nn.Module, vk_class: type) -> bool:
+        if vk_class is layers.LayerNorm:
+            return self.is_layer_norm(module)
+        return type(module) in self.replaces[vk_class]
 
     def activation(self, act: nn.Module) -> Optional[str]:
         return layers.fused_activation_name(act) or self.activations.get(type(act))
@@ -91,12 +90,14 @@ def optimize(model: nn.Module, *, attention: bool = True, mlp: bool = True, norm
 
     ``attention`` / ``mlp`` / ``patch_embed``: timm's Attention, Mlp and PatchEmbed become vk's
     (which run ``qkv_attention``, ``linear_gelu``/``linear`` and ``patch_embed``). ``norm``:
-    LayerNorms become vk's and pre-norm blocks become ``FusedBlock``s, whose residual adds
-    (LayerScale and DropPath folded in) run inside the next LayerNorm; for a timm or vk
-    ``VisionTransformer`` the model's forward then carries that stream from block to block into
-    the final norm, and with class-token pooling in eval mode the last block's MLP runs on the
-    class token only. What cannot be fused is left as it is and named in
-    ``model.vit_kernels_report`` (also logged). A second call does nothing; ``restore`` undoes it.
+    LayerNorms become vk's and timm's pre-norm blocks become vk's ``Block`` (holding the block's
+    children, LayerScale and DropPath as vk's), whose residual adds run inside the next
+    LayerNorm; a timm ``VisionTransformer``'s forward then carries that stream from block to
+    block into the final norm, as vk's own does, and with class-token pooling in eval mode the
+    last block's MLP runs on the class token only. A module with hooks registered on it is left
+    as it is (its hooks keep firing; the blocks around it still fuse). What cannot be fused is
+    left as it is and named in ``model.vit_kernels_report`` (also logged). A second call does
+    nothing; ``restore`` undoes it.
     """
     blocks = getattr(model, "blocks", None) if isinstance(model, nn.Module) else None
     if not isinstance(blocks, (nn.Sequential, nn.ModuleList)):
@@ -113,29 +114,25 @@ def optimize(model: nn.Module, *, attention: bool = True, mlp: bool = True, norm
     report = OptimizeReport()
     plan: Dict[str, nn.Module] = {}
     for i, block in enumerate(blocks):
-        new = _convert_block(block, f"blocks.{i}", types, flags, report)
-        if new is not block:
-            plan[f"blocks.{i}"] = new
+        plan.update(_convert_block(block, f"blocks.{i}", types, flags, report))
 
     known_model = type(model) in types.models
     if not known_model:
         report.unsupported["(model)"] = (f"{type(model).__name__} is not a timm or vit_kernels VisionTransformer: "
                                          "its forward is kept (fused blocks run one at a time)")
     else:
-        for name in ("norm_pre", "norm", "fc_norm"):
-            module = getattr(model, name)
-            if norm and types.is_layer_norm(module):
-                plan[name] = _vk_layer_norm(module)
-            elif not isinstance(module, (nn.Identity, layers.LayerNorm)):
-                report.unsupported[name] = f"{type(module).__name__} is not a LayerNorm"
-        if patch_embed:
-            new_embed = _convert_patch_embed(model.patch_embed, types, report)
-            if new_embed is not model.patch_embed:
-                plan["patch_embed"] = new_embed
+        parts = [(name, layers.LayerNorm) for name in ("norm_pre", "norm", "fc_norm") if norm]
+        parts += [("patch_embed", layers.PatchEmbed)] if patch_embed else []
+        for name, vk_class in parts:
+            new = _vk_module(getattr(model, name), name, vk_class, types, report)
+            if new is not getattr(model, name):
+                plan[name] = new
         if getattr(model, "attn_pool", None) is not None:
             report.unsupported["attn_pool"] = "the attention-pool head runs unfused"
-    override_forward = known_model and norm and not ({"forward", "forward_features"} & model.__dict__.keys())
-    if known_model and norm and not override_forward:
+    vk_model = type(model) is VisionTransformer
+    overridden = {"forward", "forward_features"} & model.__dict__.keys()
+    override_forward = known_model and not vk_model and norm and not overridden
+    if known_model and (norm or vk_model) and overridden:
         report.unsupported["(model)"] = "an instance-level forward override is in place: kept"
 
     # Nothing above touched the model; from here on every step is a plain attribute assignment.
@@ -147,7 +144,7 @@ def optimize(model: nn.Module, *, attention: bool = True, mlp: bool = True, norm
     if override_forward:
         model.forward = MethodType(_fused_forward, model)
         model.forward_features = MethodType(_fused_forward_features, model)
-        report.fused_stream = True
+    report.fused_stream = override_forward or (vk_model and not overridden)
     setattr(model, _ORIGINALS, originals)
     setattr(model, REPORT_ATTR, report)
     log.info("%s", report)
@@ -193,108 +190,121 @@ def _check_servable(model: nn.Module) -> None:
 # --- building the replacements (none of these mutates the module it is given) -------------------
 
 def _adopt(new: nn.Module, old: nn.Module, **children: nn.Module) -> nn.Module:
-    """``new`` takes over ``old``'s Parameters, buffers, children (some replaced) and hooks."""
-    new._parameters = OrderedDict(old._parameters)
-    new._buffers = OrderedDict(old._buffers)
-    new._non_persistent_buffers_set = set(old._non_persistent_buffers_set)
-    new._modules = OrderedDict((name, children.get(name, child)) for name, child in old._modules.items())
-    for name in _HOOK_DICTS:
-        if hasattr(old, name):
-            setattr(new, name, getattr(old, name))
-    new.train(old.training)
-    return new
+    """``new`` (built on the meta device, with ``old``'s names) takes over ``old``'s Parameters (the
+    same objects), buffers (persistent or not, as they were), children (``children`` replace some)
+    and training mode, through nn.Module's public registration API. Hooks are not moved: callers
+    leave a module with hooks in place (``_vk_module``)."""
+    buffers = dict(old.named_buffers(recurse=False))
+    persistent = old.state_dict(keep_vars=True).keys() if buffers else ()
+    for name, param in old.named_parameters(recurse=False):
+        new.register_parameter(name, param)
+    for name, buffer in buffers.items():
+        new.register_buffer(name, buffer, persistent=name in persistent)
+    for name, child in old.named_children():
+        new.add_module(name, children.get(name, child))
+    names = [{n for n, _ in m.named_parameters(recurse=False)} | set(dict(m.named_buffers(recurse=False)))
+             | set(dict(m.named_children())) for m in (new, old)]
+    if names[0] != names[1]:
+        raise RuntimeError(f"vit_kernels.optimize: {type(new).__name__} and {type(old).__name__} hold "
+                           f"different parts ({sorted(names[0] ^ names[1])})")
+    return new.train(old.training)
 
 
-def _vk_layer_norm(norm: nn.LayerNorm) -> layers.LayerNorm:
-    if type(norm) is layers.LayerNorm:
-        return norm
-    new = layers.LayerNorm(norm.normalized_shape[0], eps=norm.eps, affine=norm.elementwise_affine,
-                           bias=norm.bias is not None, device="meta")
-    return _adopt(new, norm)
-
-
-def _convert_attention(attn: nn.Module, name: str, types: _Types, report: OptimizeReport) -> nn.Module:
-    if type(attn) is layers.Attention:
-        return attn
-    if type(attn) not in types.attentions:
-        report.unsupported[name] = f"{type(attn).__name__} is not timm's Attention"
-        return attn
-    if getattr(attn, "gate", None) is not None:
-        report.unsupported[name] = "gated attention"
-        return attn
-    new = layers.Attention(attn.qkv.in_features, num_heads=attn.num_heads, attn_head_dim=attn.head_dim,
-                           device="meta")
-    new.scale = attn.scale
-    return _adopt(new, attn)
-
-
-def _convert_mlp(mlp: nn.Module, name: str, types: _Types, report: OptimizeReport) -> nn.Module:
-    if type(mlp) is layers.Mlp:
-        return mlp
-    if type(mlp) not in types.mlps:
-        report.unsupported[name] = f"{type(mlp).__name__} is not timm's Mlp"
-        return mlp
-    if not (isinstance(mlp.fc1, nn.Linear) and isinstance(mlp.fc2, nn.Linear)):
-        report.unsupported[name] = "1x1-conv Mlp"
-        return mlp
-    new = _adopt(layers.Mlp(mlp.fc1.in_features, mlp.fc1.out_features, mlp.fc2.out_features, device="meta"), mlp)
-    new.fused_activation = types.activation(new.act)
-    if new.fused_activation is None:
+def _vk_module(module: nn.Module, name: str, vk_class: type, types: _Types, report: OptimizeReport,
+               **children: nn.Module) -> nn.Module:
+    """vk's ``vk_class`` in place of ``module`` (its Parameters adopted), or ``module`` itself, with
+    the reason in the report: an unknown class, a variant vk's cannot run, or hooks on it."""
+    if type(module) is vk_class or isinstance(module, nn.Identity):
+        return module
+    if not types.is_replaced_by(module, vk_class):
+        report.unsupported[name] = f"{type(module).__name__} is not timm's {vk_class.__name__}"
+        return module
+    if has_hooks(module):
+        report.unsupported[name] = _HOOKED
+        return module
+    new = _BUILDERS[vk_class](module, types)
+    if isinstance(new, str):
+        report.unsupported[name] = new
+        return module
+    new = _adopt(new, module, **children)
+    if vk_class is layers.Mlp and new.fused_activation is None:
         report.unsupported[f"{name}.act"] = f"{type(new.act).__name__} has no fused GEMM epilogue: runs after fc1"
     return new
 
 
-def _convert_patch_embed(pe: nn.Module, types: _Types, report: OptimizeReport) -> nn.Module:
-    if type(pe) is layers.PatchEmbed:
-        return pe
-    if type(pe) not in types.patch_embeds:
-        report.unsupported["patch_embed"] = f"{type(pe).__name__} is not timm's PatchEmbed"
-        return pe
+def _attention(attn: nn.Module, types: _Types) -> Union[nn.Module, str]:
+    if getattr(attn, "gate", None) is not None:
+        return "gated attention"
+    new = layers.Attention(attn.qkv.in_features, num_heads=attn.num_heads, attn_head_dim=attn.head_dim,
+                           device="meta")
+    new.scale = attn.scale
+    return new
+
+
+def _mlp(mlp: nn.Module, types: _Types) -> Union[nn.Module, str]:
+    if not (isinstance(mlp.fc1, nn.Linear) and isinstance(mlp.fc2, nn.Linear)):
+        return "1x1-conv Mlp"
+    new = layers.Mlp(mlp.fc1.in_features, mlp.fc1.out_features, mlp.fc2.out_features, device="meta")
+    new.fused_activation = types.activation(mlp.act)
+    return new
+
+
+def _patch_embed(pe: nn.Module, types: _Types) -> Union[nn.Module, str]:
     if not pe.flatten:
-        report.unsupported["patch_embed"] = f"output_fmt {pe.output_fmt} (e.g. dynamic_img_size) runs unfused"
-        return pe
-    new = layers.PatchEmbed(img_size=pe.img_size, patch_size=pe.patch_size, in_chans=pe.proj.in_channels,
-                            embed_dim=pe.proj.out_channels, bias=pe.proj.bias is not None,
-                            strict_img_size=pe.strict_img_size, dynamic_img_pad=pe.dynamic_img_pad, device="meta")
-    return _adopt(new, pe)
+        return f"output_fmt {pe.output_fmt} (e.g. dynamic_img_size) runs unfused"
+    return layers.PatchEmbed(img_size=pe.img_size, patch_size=pe.patch_size, in_chans=pe.proj.in_channels,
+                             embed_dim=pe.proj.out_channels, bias=pe.proj.bias is not None,
+                             strict_img_size=pe.strict_img_size, dynamic_img_pad=pe.dynamic_img_pad, device="meta")
 
 
-def _convert_block(block: nn.Module, name: str, types: _Types, flags: dict, report: OptimizeReport) -> nn.Module:
-    if isinstance(block, FusedBlock):
-        return block
-    if type(block) not in types.blocks:
+_BUILDERS: Dict[type, Callable[[nn.Module, _Types], Union[nn.Module, str]]] = {
+    layers.Attention: _attention,
+    layers.Mlp: _mlp,
+    layers.PatchEmbed: _patch_embed,
+    layers.LayerNorm: lambda norm, types: layers.LayerNorm(
+        norm.normalized_shape[0], eps=norm.eps, affine=norm.elementwise_affine, bias=norm.bias is not None,
+        device="meta"),
+    layers.LayerScale: lambda ls, types: layers.LayerScale(
+        ls.gamma.shape[0], init_values=ls.init_values, inplace=ls.inplace, device="meta"),
+    layers.DropPath: lambda dp, types: layers.DropPath(dp.drop_prob, dp.scale_by_keep),
+    # A shell on the meta device: every child is replaced by the block's own.
+    layers.Block: lambda block, types: layers.Block(block.norm1.normalized_shape[0], num_heads=1, device="meta"),
+}
+
+
+def _convert_block(block: nn.Module, name: str, types: _Types, flags: dict,
+                   report: OptimizeReport) -> Dict[str, nn.Module]:
+    """The swaps for one block: {name: vk Block holding its (converted) children} when its residual
+    adds can fuse, else {name.child: vk module} for the children that convert."""
+    if type(block) is not layers.Block and not types.is_replaced_by(block, layers.Block):
         report.unsupported[name] = f"{type(block).__name__} is not a pre-norm Block (timm's Block or vk's)"
-        return block
-    children = dict(block._modules)
-    if flags["attention"]:
-        children["attn"] = _convert_attention(block.attn, f"{name}.attn", types, report)
-    if flags["mlp"]:
-        children["mlp"] = _convert_mlp(block.mlp, f"{name}.mlp", types, report)
+        return {}
+    children = {part: _vk_module(getattr(block, part), f"{name}.{part}", vk_class, types, report)
+                for part, vk_class, flag in (("attn", layers.Attention, "attention"), ("mlp", layers.Mlp, "mlp"))
+                if flags[flag]}
     why_not = _why_not_fused(block, types)
-    if flags["norm"] and why_not is None:
-        children["norm1"] = _vk_layer_norm(block.norm1)
-        children["norm2"] = _vk_layer_norm(block.norm2)
-        return _adopt(FusedBlock({}), block, **children)
-    if flags["norm"]:
+    if flags["norm"] and why_not is None and type(block) is not layers.Block:
+        parts = {"norm1": layers.LayerNorm, "norm2": layers.LayerNorm, "ls1": layers.LayerScale,
+                 "ls2": layers.LayerScale, "drop_path1": layers.DropPath, "drop_path2": layers.DropPath}
+        children.update({part: _vk_module(getattr(block, part), f"{name}.{part}", vk_class, types, report)
+                         for part, vk_class in parts.items()})
+        new = _vk_module(block, name, layers.Block, types, report, **children)
+        if new is not block:
+            return {name: new}
+    elif flags["norm"] and why_not is not None:
         report.unsupported[name] = f"residual adds unfused: {why_not}"
-    if all(children[k] is v for k, v in block._modules.items()):
-        return block
-    # The block's own forward with new children: a shallow clone, so the original stays intact.
-    clone = _adopt(type(block).__new__(type(block)), block, **children)
-    clone.__dict__.update({k: v for k, v in block.__dict__.items() if k not in clone.__dict__})
-    return clone
+    return {f"{name}.{part}": child for part, child in children.items() if child is not getattr(block, part)}
 
 
 def _why_not_fused(block: nn.Module, types: _Types) -> Optional[str]:
     for part in ("norm1", "norm2"):
         if not types.is_layer_norm(getattr(block, part)):
             return f"{part} is {type(getattr(block, part)).__name__}, not a last-dim LayerNorm"
-    for part in ("ls1", "ls2"):
-        if not isinstance(getattr(block, part), nn.Identity) and type(getattr(block, part)) not in types.layer_scales:
-            return f"{part} is {type(getattr(block, part)).__name__}"
-    for part in ("drop_path1", "drop_path2"):
-        if not isinstance(getattr(block, part), nn.Identity) and type(getattr(block, part)) not in types.drop_paths:
-            return f"{part} is {type(getattr(block, part)).__name__}"
+    for part, vk_class in (("ls1", layers.LayerScale), ("ls2", layers.LayerScale),
+                           ("drop_path1", layers.DropPath), ("drop_path2", layers.DropPath)):
+        child = getattr(block, part)
+        if not isinstance(child, (nn.Identity, vk_class)) and not types.is_replaced_by(child, vk_class):
+            return f"{part} is {type(child).__name__}"
     return None
 
 
@@ -303,34 +313,16 @@ def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
     setattr(model.get_submodule(parent) if parent else model, leaf, module)
 
 
-# --- the fused forward (bound to the model instance) -------------------------------------------
-
-def _embed(model: nn.Module, x: Tensor) -> Tensor:
-    """Images -> tokens ready for the blocks, as the model's own forward_features computes them."""
-    if isinstance(model, VisionTransformer):
-        return model.embed(x)
-    pe = model.patch_embed
-    if (type(pe) is layers.PatchEmbed and pe.flatten and isinstance(pe.norm, nn.Identity)
-            and not model.dynamic_img_size and (model.pos_drop.p == 0.0 or not model.training)):
-        pe.check_input(x)
-        prefix = [t for t in (model.cls_token, model.reg_token) if t is not None]
-        x = ops.patch_embed(pe.pad(x), pe.proj.weight, pe.proj.bias, pos_embed=model.pos_embed,
-                            prefix_tokens=torch.cat(prefix, dim=1) if prefix else None)
-    else:
-        x = model._pos_embed(pe(x))
-    return model.norm_pre(model.patch_drop(x))
-
+# --- the fused forward of a timm VisionTransformer (bound to the instance) ---------------------
 
 def _fused_forward_features(self, x: Tensor, attn_mask: Optional[Tensor] = None, is_causal: bool = False) -> Tensor:
     if attn_mask is not None or is_causal:
         return type(self).forward_features(self, x, attn_mask=attn_mask, is_causal=is_causal)
-    return run_blocks(self.blocks, _embed(self, x), self.norm, self.grad_checkpointing)
+    return run_blocks(self.blocks, embed_tokens(self, x), self.norm, self.grad_checkpointing)
 
 
 def _fused_forward(self, x: Tensor, attn_mask: Optional[Tensor] = None, is_causal: bool = False) -> Tensor:
     if attn_mask is not None or is_causal:
         return type(self).forward(self, x, attn_mask=attn_mask, is_causal=is_causal)
-    # Class-token pooling reads token 0 only: in eval mode the last block's MLP skips the others.
-    cls_only = not self.training and self.global_pool == "token" and getattr(self, "attn_pool", None) is None
-    x = run_blocks(self.blocks, _embed(self, x), self.norm, self.grad_checkpointing, cls_only)
+    x = run_blocks(self.blocks, embed_tokens(self, x), self.norm, self.grad_checkpointing, class_token_only(self))
     return self.forward_head(x)

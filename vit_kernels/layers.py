@@ -1,7 +1,12 @@
-"""The seed's building blocks, with timm's names, arguments and defaults.
+"""The building blocks of timm's VisionTransformer, with timm's names, arguments and defaults.
 
 Module and parameter names equal timm's (``timm/layers/``), so a timm state_dict loads strictly.
 The hot paths call ``vit_kernels.ops``, which dispatches to the kernels or the PyTorch reference.
+
+``Block`` runs the fused residual stream: a residual add ``x + drop_path(ls(branch))`` is left
+*pending* (a ``Pending`` tuple) and done by the next LayerNorm in one ``ops.add_layer_norm``
+call (norm2, the next block's norm1, or the model's final norm), so the stream is read and
+written once per add.
 """
 from __future__ import annotations
 
@@ -15,6 +20,7 @@ import torch.nn.functional as F
 from torch.jit import Final
 
 from . import ops
+from .reference import residual_branch
 
 LayerType = Union[str, Callable, Type[nn.Module]]
 
@@ -26,8 +32,7 @@ def to_2tuple(x) -> Tuple[int, int]:
 def drop_path(x: torch.Tensor, drop_prob: float = 0.0, training: bool = False,
               scale_by_keep: bool = True) -> torch.Tensor:
     """Stochastic depth: zero whole samples of a residual branch with probability ``drop_prob``."""
-    scale = drop_path_scale(x, drop_prob, training, scale_by_keep)
-    return x if scale is None else x * scale.reshape(-1, *([1] * (x.dim() - 1)))
+    return residual_branch(x, row_scale=drop_path_scale(x, drop_prob, training, scale_by_keep))
 
 
 def drop_path_scale(x: torch.Tensor, drop_prob: float, training: bool,
@@ -71,6 +76,13 @@ class LayerNorm(nn.LayerNorm):
         return ops.add_layer_norm(x, None, self.weight, self.bias, self.eps)[0]
 
 
+class LayerNorm2d(LayerNorm):
+    """LayerNorm over the channels of an NCHW tensor (timm's ``LayerNorm2d``, eps 1e-6)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+
+
 class QuickGELU(nn.Module):
     """CLIP's x * sigmoid(1.702 x)."""
 
@@ -85,7 +97,7 @@ _ACT_LAYERS = {
     "relu": nn.ReLU,
     "silu": nn.SiLU,
 }
-_NORM_LAYERS = {"layernorm": LayerNorm, "layernorm2d": LayerNorm}
+_NORM_LAYERS = {"layernorm": LayerNorm, "layernorm2d": LayerNorm2d}
 
 
 def get_act_layer(act_layer: Optional[LayerType]) -> Optional[Callable]:
@@ -113,9 +125,22 @@ def fused_activation_name(act: nn.Module) -> Optional[str]:
     return None
 
 
+# Hook dictionaries of nn.Module (read, never written): a module with any hook runs as itself.
+_HOOK_DICTS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks",
+               "_state_dict_hooks", "_state_dict_pre_hooks", "_load_state_dict_pre_hooks",
+               "_load_state_dict_post_hooks")
+
+
+def has_hooks(module: nn.Module) -> bool:
+    """Whether hooks are registered on ``module`` itself (fusing it away would skip them)."""
+    return any(getattr(module, name, None) for name in _HOOK_DICTS)
+
+
 def is_last_dim_layer_norm(norm: nn.Module) -> bool:
-    """Whether ``norm`` is a LayerNorm over the last dim that the add+LayerNorm op can run."""
-    return isinstance(norm, nn.LayerNorm) and len(norm.normalized_shape) == 1
+    """Whether ``norm`` is a LayerNorm over the last dim (its forward is nn.LayerNorm's or vk's) and
+    has no hooks, so the add+LayerNorm op can run in its place."""
+    return (isinstance(norm, nn.LayerNorm) and len(norm.normalized_shape) == 1
+            and type(norm).forward in (nn.LayerNorm.forward, LayerNorm.forward) and not has_hooks(norm))
 
 
 class Attention(nn.Module):
@@ -247,8 +272,11 @@ class Mlp(nn.Module):
 class Block(nn.Module):
     """Pre-norm transformer block: x + drop_path(ls(attn(norm1(x)))), then the same with the MLP.
 
-    The first residual add (with LayerScale and DropPath) is fused into norm2 by the
-    add+LayerNorm op when norm2 is a last-dim LayerNorm.
+    ``forward_fused`` runs it on the fused residual stream (see the module docstring);
+    ``forward`` is timm's ``Block.forward`` (it completes its own last add). ``attn`` and ``mlp``
+    can be any modules with timm's call signature. Each LayerNorm that ``is_last_dim_layer_norm``
+    does the add before it; LayerScale and DropPath (vk's, without hooks) are folded into that
+    op; any other norm, ls or drop_path module runs as itself.
     """
 
     def __init__(self, dim: int, num_heads: int, mlp_ratio: float = 4.0, qkv_bias: bool = False,
@@ -275,23 +303,56 @@ class Block(nn.Module):
         self.ls2 = LayerScale(dim, init_values=init_values, **dd) if init_values else nn.Identity()
         self.drop_path2 = DropPath(drop_path) if drop_path > 0.0 else nn.Identity()
 
-    def _fuses_first_add(self) -> bool:
-        return (is_last_dim_layer_norm(self.norm2)
-                and isinstance(self.ls1, (LayerScale, nn.Identity))
-                and isinstance(self.drop_path1, (DropPath, nn.Identity)))
+    def forward_fused(self, x: torch.Tensor, pending: Pending = None, cls_only: bool = False,
+                      attn_mask: Optional[torch.Tensor] = None, is_causal: bool = False
+                      ) -> Tuple[torch.Tensor, Pending]:
+        """(residual stream, this block's pending MLP add) from the stream and the previous pending add.
+
+        ``cls_only``: after attention keep token 0 only, so norm2 and the MLP run on one token per
+        image (class-token pooling in eval mode); the stream returned is then (B, 1, C).
+        """
+        normed, x = add_norm(x, pending, self.norm1)
+        branch = self.attn(normed, attn_mask=attn_mask, is_causal=is_causal)
+        if cls_only:
+            branch, x = branch[:, :1], x[:, :1]
+        normed, x = add_norm(x, _pending(branch, self.ls1, self.drop_path1), self.norm2)
+        return x, _pending(self.mlp(normed), self.ls2, self.drop_path2)
 
     def forward(self, x: torch.Tensor, attn_mask: Optional[torch.Tensor] = None,
                 is_causal: bool = False) -> torch.Tensor:
-        branch = self.attn(self.norm1(x), attn_mask=attn_mask, is_causal=is_causal)
-        if self._fuses_first_add():
-            gamma = self.ls1.gamma if isinstance(self.ls1, LayerScale) else None
-            row_scale = self.drop_path1.row_scale(branch) if isinstance(self.drop_path1, DropPath) else None
-            normed, x = ops.add_layer_norm(branch, x, self.norm2.weight, self.norm2.bias, self.norm2.eps,
-                                           gamma=gamma, row_scale=row_scale)
-        else:
-            x = x + self.drop_path1(self.ls1(branch))
-            normed = self.norm2(x)
-        return x + self.drop_path2(self.ls2(self.mlp(normed)))
+        return add_pending(*self.forward_fused(x, attn_mask=attn_mask, is_causal=is_causal))
+
+
+# A residual add not done yet: (branch, LayerScale gamma or None, DropPath per-sample factor or None).
+Pending = Optional[Tuple[torch.Tensor, Optional[torch.Tensor], Optional[torch.Tensor]]]
+
+
+def _pending(branch: torch.Tensor, ls: nn.Module, drop_path: nn.Module) -> Pending:
+    """The add of ``drop_path(ls(branch))``, vk's LayerScale and DropPath left to the fused op."""
+    if not _folds(drop_path, DropPath):
+        return drop_path(ls(branch)), None, None
+    if not _folds(ls, LayerScale):
+        branch, ls = ls(branch), nn.Identity()
+    return (branch, None if isinstance(ls, nn.Identity) else ls.gamma,
+            None if isinstance(drop_path, nn.Identity) else drop_path.row_scale(branch))
+
+
+def _folds(module: nn.Module, kind: type) -> bool:
+    return type(module) in (kind, nn.Identity) and not has_hooks(module)
+
+
+def add_pending(x: torch.Tensor, pending: Pending) -> torch.Tensor:
+    """The residual stream with the pending add done."""
+    return x if pending is None else x + residual_branch(*pending)
+
+
+def add_norm(x: torch.Tensor, pending: Pending, norm: nn.Module) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(norm(x + pending), x + pending): one add+LayerNorm op when ``norm`` is a last-dim LayerNorm."""
+    if pending is None or not is_last_dim_layer_norm(norm):
+        x = add_pending(x, pending)
+        return norm(x), x
+    branch, gamma, row_scale = pending
+    return ops.add_layer_norm(branch, x, norm.weight, norm.bias, norm.eps, gamma=gamma, row_scale=row_scale)
 
 
 class PatchEmbed(nn.Module):

@@ -43,6 +43,16 @@ def qkv_attention(qkv, num_heads: int, scale: Optional[float] = None, dropout_p:
     return out.transpose(1, 2).reshape(B, N, qkv.shape[-1] // 3)
 
 
+def residual_branch(x, gamma=None, row_scale=None):
+    """What a residual add adds: ``x * gamma * row_scale[:, None]`` in timm's order (LayerScale, then
+    DropPath); absent factors are 1. ``row_scale`` has one entry per sample (dim 0)."""
+    if gamma is not None:
+        x = x * gamma
+    if row_scale is not None:
+        x = x * row_scale.reshape(-1, *([1] * (x.dim() - 1)))
+    return x
+
+
 def add_layer_norm(x, residual, weight, bias, eps: float = 1e-6, gamma=None, row_scale=None,
                    residual_dtype: Optional[torch.dtype] = None):
     """new_residual = residual + gamma * row_scale[:, None] * x;  normed = LayerNorm(new_residual).
@@ -51,11 +61,7 @@ def add_layer_norm(x, residual, weight, bias, eps: float = 1e-6, gamma=None, row
     ``row_scale`` has one entry per sample (dim 0), broadcast over the other dims.
     Returns (normed, new_residual); new_residual is in ``residual_dtype`` if given.
     """
-    branch = x
-    if gamma is not None:
-        branch = branch * gamma
-    if row_scale is not None:
-        branch = branch * row_scale.reshape(-1, *([1] * (x.dim() - 1)))
+    branch = residual_branch(x, gamma, row_scale)
     new_residual = branch if residual is None else residual + branch
     if residual_dtype is not None:
         new_residual = new_residual.to(residual_dtype)

@@ -1,4 +1,9 @@
-"""The seed's VisionTransformer, with timm's constructor, methods and parameter names."""
+"""timm's VisionTransformer on vit_kernels' ops, with timm's constructor, methods and parameter names.
+
+``forward`` and ``forward_features`` run the fused residual stream (``layers.Block``) from the
+embedding into the final norm; ``embed_tokens`` and ``run_blocks`` take a model's parts by
+timm's names, so ``optimize`` runs the same code on a timm VisionTransformer.
+"""
 from __future__ import annotations
 
 import math
@@ -13,7 +18,8 @@ from torch.utils.checkpoint import checkpoint
 
 from . import ops
 from .layers import (Attention, AttentionPoolLatent, Block, LayerNorm, LayerType, Mlp, PatchDropout,
-                     PatchEmbed, get_act_layer, get_norm_layer, resample_abs_pos_embed, to_2tuple)
+                     PatchEmbed, add_norm, add_pending, get_act_layer, get_norm_layer, has_hooks,
+                     resample_abs_pos_embed, to_2tuple)
 
 GLOBAL_POOLS = ("", "token", "avg", "max", "avgmax", "map")
 POS_EMBEDS = ("", "none", "learn")
@@ -298,24 +304,13 @@ class VisionTransformer(nn.Module):
 
     # --- forward --------------------------------------------------------------------------
 
-    def _uses_fused_embed(self) -> bool:
-        """Whether patch embed, prefix tokens and pos-embed can run as one patch_embed op."""
-        pe = self.patch_embed
-        return (type(pe) is PatchEmbed and pe.flatten and isinstance(pe.norm, nn.Identity)
-                and not self.dynamic_img_size
-                and (self.pos_drop.p == 0.0 or not self.training))
-
-    def _prefix_tokens(self) -> Optional[torch.Tensor]:
-        tokens = [t for t in (self.cls_token, self.reg_token) if t is not None]
-        return torch.cat(tokens, dim=1) if tokens else None
-
     def _pos_embed(self, x: torch.Tensor) -> torch.Tensor:
         """Add position embeddings to patch tokens and put the prefix tokens in front."""
         B = x.shape[0]
         if self.dynamic_img_size:
             H, W = x.shape[1:3]
             x = x.flatten(1, 2)
-        prefix = self._prefix_tokens()
+        prefix = _prefix_tokens(self)
         to_cat = [] if prefix is None else [prefix.expand(B, -1, -1)]
         if self.pos_embed is None:
             return torch.cat(to_cat + [x], dim=1)
@@ -332,14 +327,7 @@ class VisionTransformer(nn.Module):
 
     def embed(self, x: torch.Tensor) -> torch.Tensor:
         """Images (B, C, H, W) -> tokens (B, prefix + L, D) ready for the blocks."""
-        if self._uses_fused_embed():
-            self.patch_embed.check_input(x)
-            x = ops.patch_embed(self.patch_embed.pad(x), self.patch_embed.proj.weight,
-                                self.patch_embed.proj.bias, pos_embed=self.pos_embed,
-                                prefix_tokens=self._prefix_tokens())
-        else:
-            x = self._pos_embed(self.patch_embed(x))
-        return self.norm_pre(self.patch_drop(x))
+        return embed_tokens(self, x)
 
     def _run_block(self, block: nn.Module, x: torch.Tensor, attn_mask: Optional[torch.Tensor],
                    is_causal: bool) -> torch.Tensor:
@@ -352,6 +340,8 @@ class VisionTransformer(nn.Module):
     def forward_features(self, x: torch.Tensor, attn_mask: Optional[torch.Tensor] = None,
                          is_causal: bool = False) -> torch.Tensor:
         x = self.embed(x)
+        if attn_mask is None and not is_causal:
+            return run_blocks(self.blocks, x, self.norm, self.grad_checkpointing)
         for block in self.blocks:
             x = self._run_block(block, x, attn_mask, is_causal)
         return self.norm(x)
@@ -436,7 +426,65 @@ class VisionTransformer(nn.Module):
 
     def forward(self, x: torch.Tensor, attn_mask: Optional[torch.Tensor] = None,
                 is_causal: bool = False) -> torch.Tensor:
-        return self.forward_head(self.forward_features(x, attn_mask=attn_mask, is_causal=is_causal))
+        if attn_mask is None and not is_causal:
+            x = run_blocks(self.blocks, self.embed(x), self.norm, self.grad_checkpointing,
+                           class_token_only(self))
+        else:
+            x = self.forward_features(x, attn_mask=attn_mask, is_causal=is_causal)
+        return self.forward_head(x)
+
+
+# --- the forward of a timm or vit_kernels VisionTransformer, from its parts -------------------
+
+def _prefix_tokens(model: nn.Module) -> Optional[torch.Tensor]:
+    tokens = [t for t in (model.cls_token, model.reg_token) if t is not None]
+    return torch.cat(tokens, dim=1) if tokens else None
+
+
+def embed_tokens(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """Images -> tokens ready for the blocks of ``model`` (vit_kernels' or timm's VisionTransformer).
+
+    With vk's PatchEmbed (flattened, no norm), a fixed image size and no active pos-dropout,
+    patch projection, prefix tokens and position embedding run as one ``patch_embed`` op;
+    otherwise the model's own ``patch_embed`` and ``_pos_embed``.
+    """
+    pe = model.patch_embed
+    if (type(pe) is PatchEmbed and pe.flatten and isinstance(pe.norm, nn.Identity) and not has_hooks(pe)
+            and not model.dynamic_img_size and (model.pos_drop.p == 0.0 or not model.training)):
+        pe.check_input(x)
+        x = ops.patch_embed(pe.pad(x), pe.proj.weight, pe.proj.bias, pos_embed=model.pos_embed,
+                            prefix_tokens=_prefix_tokens(model))
+    else:
+        x = model._pos_embed(pe(x))
+    return model.norm_pre(model.patch_drop(x))
+
+
+def class_token_only(model: nn.Module) -> bool:
+    """Whether ``model``'s head reads token 0 only (eval mode, class-token pooling, no attention pool)."""
+    return not model.training and model.global_pool == "token" and getattr(model, "attn_pool", None) is None
+
+
+def run_blocks(blocks, x: torch.Tensor, final_norm: nn.Module, grad_checkpointing: bool = False,
+               cls_only: bool = False) -> torch.Tensor:
+    """final_norm(blocks(x)), every residual add of a ``layers.Block`` done by the LayerNorm after it.
+
+    Other blocks, and blocks with hooks, run as they are (their hooks fire) after the pending add
+    is done. ``cls_only`` applies when the last block is a ``Block``: the result is then (B, 1, C).
+    """
+    blocks = list(blocks)
+    grad_checkpointing = grad_checkpointing and torch.is_grad_enabled()
+    pending = None
+    for i, block in enumerate(blocks):
+        if type(block) is Block and not has_hooks(block):
+            last_cls_only = cls_only and i == len(blocks) - 1
+            if grad_checkpointing:
+                x, pending = checkpoint(block.forward_fused, x, pending, last_cls_only, use_reentrant=False)
+            else:
+                x, pending = block.forward_fused(x, pending, last_cls_only)
+        else:
+            x, pending = add_pending(x, pending), None
+            x = checkpoint(block, x, use_reentrant=False) if grad_checkpointing else block(x)
+    return add_norm(x, pending, final_norm)[0]
 
 
 def _lecun_normal_(tensor: torch.Tensor) -> None:
