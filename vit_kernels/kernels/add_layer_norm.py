@@ -75,10 +75,12 @@ def add_layer_norm_config(width: int, rows: int, interpret: bool = False) -> tup
 
 
 @triton.jit
-def _residual_chunk(X, R, G, s, x_rows, r_rows, cols, mask, stride_xn, stride_rn, width,
+def _residual_chunk(X, R, G, s, x_rows, r_rows, row_ok, cols, stride_xn, stride_rn, width,
                     HAS_RESIDUAL: tl.constexpr, HAS_GAMMA: tl.constexpr, HAS_ROW_SCALE: tl.constexpr,
                     OUT_DTYPE: tl.constexpr):
-    """h = residual + gamma * s * x for a (BLOCK_M, BLOCK_N) chunk, in fp32; 0 in masked lanes."""
+    """(h, mask) of the (BLOCK_M, BLOCK_N) chunk at columns ``cols``: h = residual + gamma * s * x
+    in fp32, 0 in the lanes the mask drops (rows past ``rows``, columns past ``width``)."""
+    mask = row_ok[:, None] & (cols < width)[None, :]
     col_off = cols.to(tl.int64)
     h = tl.load(X + x_rows[:, None] + (col_off * stride_xn)[None, :], mask=mask, other=0.0).to(tl.float32)
     if HAS_GAMMA:
@@ -89,7 +91,7 @@ def _residual_chunk(X, R, G, s, x_rows, r_rows, cols, mask, stride_xn, stride_rn
         h += tl.load(R + r_rows[:, None] + (col_off * stride_rn)[None, :], mask=mask, other=0.0).to(tl.float32)
     # Normalise exactly the new_residual that is stored (normed = LayerNorm(new_residual)), so the
     # backward, which reads it back, sees the same xhat as the forward.
-    return h.to(OUT_DTYPE).to(tl.float32)
+    return h.to(OUT_DTYPE).to(tl.float32), mask
 
 
 @triton.jit
@@ -117,20 +119,30 @@ def _normalise_chunk(Y, W, B, h, mean, rstd, y_rows, cols, mask, width,
 
 
 @triton.jit
-def _add_layer_norm_fwd(X, R, G, S, W, B, Y, NR, Mean, Rstd,
-                        rows, width, rows_per_sample, eps,
-                        stride_xm, stride_xn, stride_rm, stride_rn,
-                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                        HAS_RESIDUAL: tl.constexpr, HAS_GAMMA: tl.constexpr, HAS_ROW_SCALE: tl.constexpr,
-                        HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, STORE_RESIDUAL: tl.constexpr,
-                        ONE_CHUNK: tl.constexpr):
+def _add_layer_norm_fwd(
+    X,                  # (rows, C) x, any strides
+    R,                  # (rows, C) residual, any strides (read with HAS_RESIDUAL)
+    G,                  # (C,) LayerScale gamma (HAS_GAMMA)
+    S,                  # (rows // rows_per_sample,) DropPath row_scale, one per sample (HAS_ROW_SCALE)
+    W, B,               # (C,) LayerNorm weight and bias (HAS_WEIGHT, HAS_BIAS)
+    Y,                  # (rows, C) out: normed, x's dtype, contiguous
+    NR,                 # (rows, C) out: new_residual, contiguous; without STORE_RESIDUAL it is X
+                        # itself (new_residual = x) and only its dtype is used
+    Mean, Rstd,         # (rows,) fp32 out: the row statistics the backward reads
+    rows, width,        # the (rows, C) shape
+    rows_per_sample,    # row m belongs to sample m // rows_per_sample
+    eps,
+    stride_xm, stride_xn, stride_rm, stride_rn,
+    BLOCK_M: tl.constexpr,          # rows per program
+    BLOCK_N: tl.constexpr,          # columns per chunk
+    HAS_RESIDUAL: tl.constexpr, HAS_GAMMA: tl.constexpr, HAS_ROW_SCALE: tl.constexpr,
+    HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, STORE_RESIDUAL: tl.constexpr,
+    ONE_CHUNK: tl.constexpr,        # width <= BLOCK_N
+):
     """Program ``pid`` owns rows [pid * BLOCK_M, (pid + 1) * BLOCK_M) of every (rows, C) tensor.
 
-    X, R: (rows, C) any strides; G, W, B: (C,); S: (rows // rows_per_sample,);
-    Y (x's dtype), NR (new_residual's dtype): (rows, C) contiguous; Mean, Rstd: (rows,) fp32.
-    Without STORE_RESIDUAL, NR is X itself (new_residual = x) and only its dtype is used.
-    ONE_CHUNK (width <= BLOCK_N) compiles without the chunk loops: never run for such rows, they
-    still cost registers (ptxas spilled the 1024-wide fp16 forward at 64 with them).
+    ONE_CHUNK compiles without the chunk loops: never run for such rows, they still cost
+    registers (ptxas spilled the 1024-wide fp16 forward at 64 with them).
     """
     # The program's first row goes into the base pointers (scalars) and Y and NR share one row
     # offset: each thread holds every row of its tile, so each per-row offset vector costs
@@ -155,9 +167,8 @@ def _add_layer_norm_fwd(X, R, G, S, W, B, Y, NR, Mean, Rstd,
 
     # Pass 1: h chunk by chunk; store new_residual; running (count, mean, m2) per row.
     # Chunk 0 stays in registers for pass 2, so a row that fits one chunk is read once.
-    mask0 = row_ok[:, None] & (cols < width)[None, :]
-    h0 = _residual_chunk(X, R, G, s, x_rows, r_rows, cols, mask0, stride_xn, stride_rn, width,
-                         HAS_RESIDUAL, HAS_GAMMA, HAS_ROW_SCALE, NR.dtype.element_ty)
+    h0, mask0 = _residual_chunk(X, R, G, s, x_rows, r_rows, row_ok, cols, stride_xn, stride_rn, width,
+                                HAS_RESIDUAL, HAS_GAMMA, HAS_ROW_SCALE, NR.dtype.element_ty)
     if STORE_RESIDUAL:
         tl.store(NR + out_rows[:, None] + cols[None, :], h0.to(NR.dtype.element_ty), mask=mask0)
     count = tl.minimum(width, BLOCK_N).to(tl.float32)
@@ -165,9 +176,8 @@ def _add_layer_norm_fwd(X, R, G, S, W, B, Y, NR, Mean, Rstd,
     if not ONE_CHUNK:
         for start in range(BLOCK_N, width, BLOCK_N):
             c = start + cols
-            mask = row_ok[:, None] & (c < width)[None, :]
-            h = _residual_chunk(X, R, G, s, x_rows, r_rows, c, mask, stride_xn, stride_rn, width,
-                                HAS_RESIDUAL, HAS_GAMMA, HAS_ROW_SCALE, NR.dtype.element_ty)
+            h, mask = _residual_chunk(X, R, G, s, x_rows, r_rows, row_ok, c, stride_xn, stride_rn, width,
+                                      HAS_RESIDUAL, HAS_GAMMA, HAS_ROW_SCALE, NR.dtype.element_ty)
             if STORE_RESIDUAL:
                 tl.store(NR + out_rows[:, None] + c[None, :], h.to(NR.dtype.element_ty), mask=mask)
             n_c = tl.minimum(width - start, BLOCK_N).to(tl.float32)
@@ -188,16 +198,16 @@ def _add_layer_norm_fwd(X, R, G, S, W, B, Y, NR, Mean, Rstd,
     if not ONE_CHUNK:
         for start in range(BLOCK_N, width, BLOCK_N):
             c = start + cols
-            mask = row_ok[:, None] & (c < width)[None, :]
-            h = _residual_chunk(X, R, G, s, x_rows, r_rows, c, mask, stride_xn, stride_rn, width,
-                                HAS_RESIDUAL, HAS_GAMMA, HAS_ROW_SCALE, NR.dtype.element_ty)
+            h, mask = _residual_chunk(X, R, G, s, x_rows, r_rows, row_ok, c, stride_xn, stride_rn, width,
+                                      HAS_RESIDUAL, HAS_GAMMA, HAS_ROW_SCALE, NR.dtype.element_ty)
             _normalise_chunk(Y, W, B, h, mean, rstd, out_rows, c, mask, width, HAS_WEIGHT, HAS_BIAS)
 
 
 @triton.jit
-def _bwd_load_chunk(DY, H, W, mean, rstd, dy_rows, h_rows, cols, mask, stride_dyn, stride_hn, width,
+def _bwd_load_chunk(DY, H, W, mean, rstd, dy_rows, h_rows, row_ok, cols, stride_dyn, stride_hn, width,
                     HAS_WEIGHT: tl.constexpr):
-    """(dy, xhat, wdy) of a chunk in fp32; 0 in masked lanes."""
+    """(dy, xhat, wdy, mask) of the chunk at columns ``cols``: fp32, 0 in the lanes the mask drops."""
+    mask = row_ok[:, None] & (cols < width)[None, :]
     col_off = cols.to(tl.int64)
     dy = tl.load(DY + dy_rows[:, None] + (col_off * stride_dyn)[None, :], mask=mask, other=0.0).to(tl.float32)
     h = tl.load(H + h_rows[:, None] + (col_off * stride_hn)[None, :], mask=mask, other=0.0).to(tl.float32)
@@ -205,7 +215,7 @@ def _bwd_load_chunk(DY, H, W, mean, rstd, dy_rows, h_rows, cols, mask, stride_dy
     wdy = dy
     if HAS_WEIGHT:
         wdy = dy * tl.load(W + cols, mask=cols < width, other=0.0).to(tl.float32)[None, :]
-    return dy, xhat, wdy
+    return dy, xhat, wdy, mask
 
 
 @triton.jit
@@ -241,20 +251,26 @@ def _bwd_store_chunk(DNR, X, G, DX, DR, DGp, xhat, wdy, c1, c2, rstd, s, row_acc
 
 
 @triton.jit
-def _add_layer_norm_bwd(DY, DNR, H, X, G, S, W, Mean, Rstd, DX, DR, DWp, DBp, DGp, DS,
-                        rows, width, rows_per_sample,
-                        stride_dym, stride_dyn, stride_dnrm, stride_dnrn, stride_hm, stride_hn,
-                        stride_xm, stride_xn, stride_dxm, stride_drm,
-                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                        HAS_DNR: tl.constexpr, HAS_GAMMA: tl.constexpr, HAS_ROW_SCALE: tl.constexpr,
-                        HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, STORE_DR: tl.constexpr,
-                        ROW_SCALE_GRAD: tl.constexpr):
-    """Program ``pid`` owns rows [pid * BLOCK_M, (pid + 1) * BLOCK_M) and row ``pid`` of the partials.
-
-    DY, DNR, H (new_residual, or x when new_residual is x), X: (rows, C) any strides;
-    DX, DR: (rows, C), unit column stride; DWp, DBp, DGp: (programs, C) fp32 column partials;
-    DS: (rows,) fp32 per-row d(row_scale) terms, summed per sample on the host.
-    """
+def _add_layer_norm_bwd(
+    DY,                 # (rows, C) gradient of normed, any strides
+    DNR,                # (rows, C) gradient arriving at new_residual, any strides (read with HAS_DNR)
+    H,                  # (rows, C) new_residual as the forward stored it (x when new_residual is x)
+    X,                  # (rows, C) x (read with HAS_GAMMA or HAS_ROW_SCALE)
+    G, S, W,            # gamma, row_scale and LayerNorm weight, as in the forward
+    Mean, Rstd,         # (rows,) fp32 from the forward
+    DX,                 # (rows, C) out: d(x), unit column stride
+    DR,                 # (rows, C) out: d(residual), unit column stride (written with STORE_DR)
+    DWp, DBp, DGp,      # (programs, C) fp32 out: per-program column partials of d(w), d(b), d(gamma)
+    DS,                 # (rows,) fp32 out: per-row d(row_scale) terms, summed per sample on the host
+    rows, width, rows_per_sample,   # as in the forward
+    stride_dym, stride_dyn, stride_dnrm, stride_dnrn, stride_hm, stride_hn,
+    stride_xm, stride_xn, stride_dxm, stride_drm,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    HAS_DNR: tl.constexpr, HAS_GAMMA: tl.constexpr, HAS_ROW_SCALE: tl.constexpr,
+    HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, STORE_DR: tl.constexpr,
+    ROW_SCALE_GRAD: tl.constexpr,   # write DS
+):
+    """Program ``pid`` owns rows [pid * BLOCK_M, (pid + 1) * BLOCK_M) and row ``pid`` of the partials."""
     pid = tl.program_id(0)
     row = pid.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = row < rows
@@ -273,9 +289,8 @@ def _add_layer_norm_bwd(DY, DNR, H, X, G, S, W, Mean, Rstd, DX, DR, DWp, DBp, DG
         s = tl.load(S + row // rows_per_sample, mask=row_ok, other=0.0).to(tl.float32)
 
     # Pass 1: the row sums c1, c2 and the d(w), d(b) partials. Chunk 0 stays in registers.
-    mask0 = row_ok[:, None] & (cols < width)[None, :]
-    dy0, xhat0, wdy0 = _bwd_load_chunk(DY, H, W, mean, rstd, dy_rows, h_rows, cols, mask0,
-                                       stride_dyn, stride_hn, width, HAS_WEIGHT)
+    dy0, xhat0, wdy0, mask0 = _bwd_load_chunk(DY, H, W, mean, rstd, dy_rows, h_rows, row_ok, cols,
+                                              stride_dyn, stride_hn, width, HAS_WEIGHT)
     c1 = tl.sum(xhat0 * wdy0, axis=1)
     c2 = tl.sum(wdy0, axis=1)
     if HAS_WEIGHT:
@@ -284,9 +299,8 @@ def _add_layer_norm_bwd(DY, DNR, H, X, G, S, W, Mean, Rstd, DX, DR, DWp, DBp, DG
         tl.store(DBp + part_row + cols, tl.sum(dy0, axis=0), mask=cols < width)
     for start in range(BLOCK_N, width, BLOCK_N):
         c = start + cols
-        mask = row_ok[:, None] & (c < width)[None, :]
-        dy, xhat, wdy = _bwd_load_chunk(DY, H, W, mean, rstd, dy_rows, h_rows, c, mask,
-                                        stride_dyn, stride_hn, width, HAS_WEIGHT)
+        dy, xhat, wdy, mask = _bwd_load_chunk(DY, H, W, mean, rstd, dy_rows, h_rows, row_ok, c,
+                                              stride_dyn, stride_hn, width, HAS_WEIGHT)
         c1 += tl.sum(xhat * wdy, axis=1)
         c2 += tl.sum(wdy, axis=1)
         if HAS_WEIGHT:
@@ -304,9 +318,8 @@ def _add_layer_norm_bwd(DY, DNR, H, X, G, S, W, Mean, Rstd, DX, DR, DWp, DBp, DG
                                HAS_DNR, HAS_GAMMA, HAS_ROW_SCALE, STORE_DR, ROW_SCALE_GRAD)
     for start in range(BLOCK_N, width, BLOCK_N):
         c = start + cols
-        mask = row_ok[:, None] & (c < width)[None, :]
-        dy, xhat, wdy = _bwd_load_chunk(DY, H, W, mean, rstd, dy_rows, h_rows, c, mask,
-                                        stride_dyn, stride_hn, width, HAS_WEIGHT)
+        dy, xhat, wdy, mask = _bwd_load_chunk(DY, H, W, mean, rstd, dy_rows, h_rows, row_ok, c,
+                                              stride_dyn, stride_hn, width, HAS_WEIGHT)
         row_acc = _bwd_store_chunk(DNR, X, G, DX, DR, DGp, xhat, wdy, c1, c2, rstd, s, row_acc,
                                    dnr_rows, x_rows, dx_rows, dr_rows, part_row, c, mask,
                                    stride_dnrn, stride_xn, width,

@@ -156,16 +156,19 @@ def _layer_norm_rows(x, W, B, offs_d, d_valid, HEAD_DIM: tl.constexpr, eps):
 
 
 @triton.jit
-def _layer_norm_rows_bwd(dy, xhat, rstd, rows_valid, W, B_PART, offs_d, d_valid, HEAD_DIM: tl.constexpr):
-    """dx of the LayerNorm for the fp32 row gradients dy; writes this block's dw, db to B_PART.
+def _layer_norm_rows_bwd(dy, xhat, rstd, rows_valid, W, PART, block, offs_d, d_valid, HEAD_DIM: tl.constexpr,
+                         BLOCK: tl.constexpr, SLOT_ROWS: tl.constexpr):
+    """dx of the LayerNorm for the fp32 row gradients dy; writes row block ``block``'s dw, db.
 
-    B_PART points at this program's (dw, db) slot pair: dw at [0:D], db at [D:2D].
+    PART points at the (batch * head)'s first slot (``_zero_trailing_slots`` returns it); the
+    block's sums go to its first slot: dw at [0:D], db at [D:2D].
     """
+    part = PART + block * (BLOCK // SLOT_ROWS) * 2 * HEAD_DIM
     w = tl.load(W + offs_d, mask=d_valid, other=0.0).to(tl.float32)
     # Padded rows hold xhat = 0 but may hold dy != 0: keep them out of dw and db.
     dy = tl.where(rows_valid[:, None], dy, 0.0)
-    tl.store(B_PART + offs_d, tl.sum(dy * xhat, axis=0), mask=d_valid)
-    tl.store(B_PART + HEAD_DIM + offs_d, tl.sum(dy, axis=0), mask=d_valid)
+    tl.store(part + offs_d, tl.sum(dy * xhat, axis=0), mask=d_valid)
+    tl.store(part + HEAD_DIM + offs_d, tl.sum(dy, axis=0), mask=d_valid)
     g = dy * w[None, :]
     c1 = tl.sum(xhat * g, axis=1) / HEAD_DIM
     c2 = tl.sum(g, axis=1) / HEAD_DIM
@@ -173,13 +176,14 @@ def _layer_norm_rows_bwd(dy, xhat, rstd, rows_valid, W, B_PART, offs_d, d_valid,
 
 
 @triton.jit
-def _zero_trailing_slots(PART, block, num_slots, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+def _zero_trailing_slots(PART, pid_bh, block, num_slots, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
                          BLOCK: tl.constexpr, SLOT_ROWS: tl.constexpr):
     """Zeros in the slots after the first of row block ``block`` (see the module docstring).
 
-    PART points at the (batch * head)'s first slot. Called before the main loop, before the
-    accumulators are live."""
+    PART is the whole (B*H, num_slots, 2, HEAD_DIM) buffer; returns it moved to head pid_bh's first
+    slot. Called before the main loop, before the accumulators are live."""
     tl.static_assert(BLOCK % SLOT_ROWS == 0)
+    PART += pid_bh.to(tl.int64) * num_slots * 2 * HEAD_DIM
     offs = tl.arange(0, BLOCK_D)
     zeros = tl.zeros([BLOCK_D], tl.float32)
     for r in tl.static_range(1, BLOCK // SLOT_ROWS):
@@ -187,6 +191,7 @@ def _zero_trailing_slots(PART, block, num_slots, HEAD_DIM: tl.constexpr, BLOCK_D
         ok = (offs < HEAD_DIM) & (slot < num_slots)
         tl.store(PART + slot * 2 * HEAD_DIM + offs, zeros, mask=ok)
         tl.store(PART + slot * 2 * HEAD_DIM + HEAD_DIM + offs, zeros, mask=ok)
+    return PART
 
 
 @triton.jit
@@ -209,52 +214,152 @@ def _store_rows(base, x, offs, rows_valid, stride_n, stride_d, offs_d, d_valid):
 
 
 @triton.jit
+def _load_normed_rows(base, offs, rows_valid, stride_n, stride_d, offs_d, d_valid, NORM: tl.constexpr,
+                      W, B, eps, HEAD_DIM: tl.constexpr):
+    """(x, xhat, rstd): rows ``offs`` of one head, LayerNorm-ed when NORM; x keeps the input dtype.
+
+    xhat and rstd (fp32) mean something only with NORM; a caller that does not use them loses
+    them to dead-code elimination."""
+    x = _load_rows(base, offs, rows_valid, stride_n, stride_d, offs_d, d_valid)
+    xhat = x
+    rstd = x
+    if NORM:
+        normed, xhat, rstd = _layer_norm_rows(x.to(tl.float32), W, B, offs_d, d_valid, HEAD_DIM, eps)
+        x = normed.to(x.dtype)
+    return x, xhat, rstd
+
+
+@triton.jit
+def _key_rows(K, V, start, N, stride_kn, stride_kd, stride_vn, stride_vd, offs_d, d_valid,
+              K_NORM: tl.constexpr, KW, KB, k_eps, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Key rows [start, +BLOCK_N) of one head: (offs_n, n_valid, k, k_hat, k_rstd, v), k normed with K_NORM."""
+    offs_n = start + tl.arange(0, BLOCK_N)
+    n_valid = offs_n < N
+    k, k_hat, k_rstd = _load_normed_rows(K, offs_n, n_valid, stride_kn, stride_kd, offs_d, d_valid, K_NORM,
+                                         KW, KB, k_eps, HEAD_DIM)
+    v = _load_rows(V, offs_n, n_valid, stride_vn, stride_vd, offs_d, d_valid)
+    return offs_n, n_valid, k, k_hat, k_rstd, v
+
+
+@triton.jit
+def _query_rows(Q, DO, LSE, DELTA, start, N, stride_qn, stride_qd, stride_don, stride_dod, offs_d, d_valid,
+                Q_NORM: tl.constexpr, QW, QB, q_eps, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr):
+    """Query rows [start, +BLOCK_M) of one head for the backward:
+    (offs_m, m_valid, q, q_hat, q_rstd, dO, lse, delta), q normed with Q_NORM."""
+    offs_m = start + tl.arange(0, BLOCK_M)
+    m_valid = offs_m < N
+    q, q_hat, q_rstd = _load_normed_rows(Q, offs_m, m_valid, stride_qn, stride_qd, offs_d, d_valid, Q_NORM,
+                                         QW, QB, q_eps, HEAD_DIM)
+    do = _load_rows(DO, offs_m, m_valid, stride_don, stride_dod, offs_d, d_valid)
+    lse = tl.load(LSE + offs_m, mask=m_valid, other=0.0)
+    delta = tl.load(DELTA + offs_m, mask=m_valid, other=0.0)
+    return offs_m, m_valid, q, q_hat, q_rstd, do, lse, delta
+
+
+@triton.jit
 def _head_base(ptr, pid_bh, H, stride_b, stride_h):
     # 64-bit: b * stride_b passes 2^31 for large batches of packed projections.
     return ptr + (pid_bh // H).to(tl.int64) * stride_b + (pid_bh % H).to(tl.int64) * stride_h
 
 
-@_autotune("fwd")
 @triton.jit
-def _attention_fwd(
-    Q, K, V, O, LSE, SEED, QW, QB, KW, KB,
-    stride_qb, stride_qh, stride_qn, stride_qd,
-    stride_kb, stride_kh, stride_kn, stride_kd,
-    stride_vb, stride_vh, stride_vn, stride_vd,
-    stride_ob, stride_oh, stride_on, stride_od,
-    H, N, qk_scale, q_eps, k_eps, dropout_p,
-    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, Q_NORM: tl.constexpr, K_NORM: tl.constexpr,
-    DROPOUT: tl.constexpr, INPUT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-):
-    """o and lse of query rows [pid_m * BLOCK_M, +BLOCK_M) of head pid_bh, looping over all keys."""
+def _program_heads(Q, K, V, X, H, stride_qb, stride_qh, stride_kb, stride_kh, stride_vb, stride_vh,
+                   stride_xb, stride_xh):
+    """(pid_bh, block, Q, K, V, X): this program's head (grid axis 0) and row block (axis 1), and
+    the pointers moved to that head (X: O in the forward, dO in the backward)."""
     pid_bh = tl.program_id(0)
-    pid_m = tl.program_id(1)
+    block = tl.program_id(1)
     Q = _head_base(Q, pid_bh, H, stride_qb, stride_qh)
     K = _head_base(K, pid_bh, H, stride_kb, stride_kh)
     V = _head_base(V, pid_bh, H, stride_vb, stride_vh)
-    O = _head_base(O, pid_bh, H, stride_ob, stride_oh)
+    X = _head_base(X, pid_bh, H, stride_xb, stride_xh)
+    return pid_bh, block, Q, K, V, X
+
+
+@triton.jit
+def _bwd_program(Q, K, V, DO, LSE, DELTA, H, N, stride_qb, stride_qh, stride_kb, stride_kh, stride_vb, stride_vh,
+                 stride_dob, stride_doh, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr):
+    """The set-up of both gradient kernels: ``_program_heads``, LSE and DELTA moved to the head's
+    row, and the head-dim lanes: (pid_bh, block, Q, K, V, DO, LSE, DELTA, offs_d, d_valid)."""
+    pid_bh, block, Q, K, V, DO = _program_heads(Q, K, V, DO, H, stride_qb, stride_qh, stride_kb, stride_kh,
+                                                stride_vb, stride_vh, stride_dob, stride_doh)
+    LSE += pid_bh.to(tl.int64) * N
+    DELTA += pid_bh.to(tl.int64) * N
+    offs_d = tl.arange(0, BLOCK_D)
+    return pid_bh, block, Q, K, V, DO, LSE, DELTA, offs_d, offs_d < HEAD_DIM
+
+
+@triton.jit
+def _bwd_probs(q, k, v, do, lse, offs_m, offs_n, m_valid, n_valid, seed, pid_bh, N, qk_scale, dropout_p,
+               DROPOUT: tl.constexpr, INPUT_PRECISION: tl.constexpr):
+    """(p, pd, dp) of a [BLOCK_M, BLOCK_N] tile: p recomputed from lse, pd = p z / (1 - dropout_p)
+    and dp = z / (1 - dropout_p) * dO v^T (see the module docstring)."""
+    s = tl.dot(q, tl.trans(k), input_precision=INPUT_PRECISION) * qk_scale
+    # Padded query rows and padded keys (whose normed k is the bias, not 0) get p = 0, so
+    # they reach no gradient and none of the norms' partial sums.
+    p = tl.where(m_valid[:, None] & n_valid[None, :], tl.exp2(s - lse[:, None]), 0.0)
+    dp = tl.dot(do, tl.trans(v), input_precision=INPUT_PRECISION)
+    if DROPOUT:
+        keep = _keep(seed, pid_bh, offs_m, offs_n, N, dropout_p)
+        pd = tl.where(keep, p / (1.0 - dropout_p), 0.0)
+        dp = tl.where(keep, dp / (1.0 - dropout_p), 0.0)
+    else:
+        pd = p
+    return p, pd, dp
+
+
+@triton.jit
+def _own_rows_grad(acc, scale, NORM: tl.constexpr, xhat, rstd, rows_valid, W, PART, block, offs_d, d_valid,
+                   HEAD_DIM: tl.constexpr, BLOCK: tl.constexpr, SLOT_ROWS: tl.constexpr):
+    """The gradient of the program's own rows (dk or dq) from its accumulator: scaled, and taken back
+    through the LayerNorm (its dw, db to PART) with NORM."""
+    acc *= scale
+    if NORM:
+        acc = _layer_norm_rows_bwd(acc, xhat, rstd, rows_valid, W, PART, block, offs_d, d_valid, HEAD_DIM,
+                                   BLOCK, SLOT_ROWS)
+    return acc
+
+
+@_autotune("fwd")
+@triton.jit
+def _attention_fwd(
+    Q, K, V,                        # (B, H, N, D) inputs
+    O,                              # (B, H, N, D) output, q's dtype
+    LSE,                            # (B * H, N) fp32 out: log2 sum_j exp2(s_ij) of each query row
+    SEED,                           # (1,) int64 Philox seed (None without DROPOUT)
+    QW, QB, KW, KB,                 # (D,) weight, bias of the q- and k-norm (None without Q_NORM, K_NORM)
+    stride_qb, stride_qh, stride_qn, stride_qd,     # batch, head, token and feature strides of
+    stride_kb, stride_kh, stride_kn, stride_kd,     # each (B, H, N, D) tensor, in elements
+    stride_vb, stride_vh, stride_vn, stride_vd,
+    stride_ob, stride_oh, stride_on, stride_od,
+    H, N,                           # heads, tokens
+    qk_scale,                       # softmax scale * log2(e)
+    q_eps, k_eps, dropout_p,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,  # D and its power-of-two tile
+    Q_NORM: tl.constexpr, K_NORM: tl.constexpr, DROPOUT: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,  # of the dots: "ieee" or "tf32" (float32 inputs only)
+    BLOCK_M: tl.constexpr,          # query rows per program
+    BLOCK_N: tl.constexpr,          # keys per loop step
+):
+    """o and lse of query rows [pid_m * BLOCK_M, +BLOCK_M) of head pid_bh, looping over all keys."""
+    pid_bh, pid_m, Q, K, V, O = _program_heads(Q, K, V, O, H, stride_qb, stride_qh, stride_kb, stride_kh,
+                                               stride_vb, stride_vh, stride_ob, stride_oh)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     m_valid = offs_m < N
     d_valid = offs_d < HEAD_DIM
 
-    q = _load_rows(Q, offs_m, m_valid, stride_qn, stride_qd, offs_d, d_valid)
-    if Q_NORM:
-        q = _layer_norm_rows(q.to(tl.float32), QW, QB, offs_d, d_valid, HEAD_DIM, q_eps)[0].to(q.dtype)
-    if DROPOUT:
-        seed = tl.load(SEED)
+    q = _load_normed_rows(Q, offs_m, m_valid, stride_qn, stride_qd, offs_d, d_valid, Q_NORM, QW, QB, q_eps,
+                          HEAD_DIM)[0]
+    seed = tl.load(SEED) if DROPOUT else 0
 
     # Statistics in fp32 whatever the input dtype; m starts at -inf so the first alpha is 0.
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     for start_n in range(0, N, BLOCK_N):
-        offs_n = start_n + tl.arange(0, BLOCK_N)
-        n_valid = offs_n < N
-        k = _load_rows(K, offs_n, n_valid, stride_kn, stride_kd, offs_d, d_valid)
-        if K_NORM:
-            k = _layer_norm_rows(k.to(tl.float32), KW, KB, offs_d, d_valid, HEAD_DIM, k_eps)[0].to(k.dtype)
-        v = _load_rows(V, offs_n, n_valid, stride_vn, stride_vd, offs_d, d_valid)
+        offs_n, n_valid, k, _, _, v = _key_rows(K, V, start_n, N, stride_kn, stride_kd, stride_vn, stride_vd,
+                                                offs_d, d_valid, K_NORM, KW, KB, k_eps, HEAD_DIM, BLOCK_N)
         s = tl.dot(q, tl.trans(k), input_precision=INPUT_PRECISION) * qk_scale
         # Tail keys past N get -inf so exp2 gives them exactly zero weight. Every block has at
         # least one real key, so the row max stays finite (no -inf - -inf).
@@ -279,7 +384,8 @@ def _attention_fwd(
 
 @triton.jit
 def _attention_bwd_delta(
-    O, DO, DELTA,
+    O, DO,                          # (B, H, N, D) forward output and its gradient
+    DELTA,                          # (B * H, N) fp32 out
     stride_ob, stride_oh, stride_on, stride_od,
     stride_dob, stride_doh, stride_don, stride_dod,
     H, N, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
@@ -301,77 +407,55 @@ def _attention_bwd_delta(
 @_autotune("dkdv")
 @triton.jit
 def _attention_bwd_dkdv(
-    Q, K, V, DO, LSE, DELTA, DK, DV, SEED, QW, QB, KW, KB, KW_PART,
-    stride_qb, stride_qh, stride_qn, stride_qd,
-    stride_kb, stride_kh, stride_kn, stride_kd,
+    Q, K, V, DO,                    # (B, H, N, D): the forward's inputs and the gradient of its output
+    LSE, DELTA,                     # (B * H, N) fp32: the forward's lse, _attention_bwd_delta's delta
+    DK, DV,                         # (B, H, N, D) out
+    SEED, QW, QB, KW, KB,           # as in _attention_fwd
+    KW_PART,                        # (B * H, num_slots, 2, D) fp32 out: the k-norm's (dw, db) partials
+    stride_qb, stride_qh, stride_qn, stride_qd,     # (batch, head, token, feature) strides of q, k, v,
+    stride_kb, stride_kh, stride_kn, stride_kd,     # dO, dk, dv
     stride_vb, stride_vh, stride_vn, stride_vd,
     stride_dob, stride_doh, stride_don, stride_dod,
     stride_dkb, stride_dkh, stride_dkn, stride_dkd,
     stride_dvb, stride_dvh, stride_dvn, stride_dvd,
-    H, N, num_slots, scale, qk_scale, q_eps, k_eps, dropout_p,
+    H, N, num_slots,                # heads, tokens, partial slots per head
+    scale, qk_scale,                # softmax scale; scale * log2(e)
+    q_eps, k_eps, dropout_p,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, Q_NORM: tl.constexpr, K_NORM: tl.constexpr,
-    DROPOUT: tl.constexpr, INPUT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    SLOT_ROWS: tl.constexpr,
+    DROPOUT: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr,          # queries per loop step
+    BLOCK_N: tl.constexpr,          # key rows per program
+    SLOT_ROWS: tl.constexpr,        # rows per partial slot
 ):
     """dk, dv of key rows [pid_n * BLOCK_N, +BLOCK_N) of head pid_bh, looping over all queries.
 
     With K_NORM, dk is taken through the LayerNorm and this block's (dw, db) of the k-norm go to
-    KW_PART[pid_bh, pid_n * BLOCK_N // SLOT_ROWS] (float32, shape (B*H, num_slots, 2, HEAD_DIM)).
+    KW_PART[pid_bh, pid_n * BLOCK_N // SLOT_ROWS].
     """
-    pid_bh = tl.program_id(0)
-    pid_n = tl.program_id(1)
-    Q = _head_base(Q, pid_bh, H, stride_qb, stride_qh)
-    K = _head_base(K, pid_bh, H, stride_kb, stride_kh)
-    V = _head_base(V, pid_bh, H, stride_vb, stride_vh)
-    DO = _head_base(DO, pid_bh, H, stride_dob, stride_doh)
-    LSE += pid_bh.to(tl.int64) * N
-    DELTA += pid_bh.to(tl.int64) * N
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, BLOCK_D)
-    n_valid = offs_n < N
-    d_valid = offs_d < HEAD_DIM
-
-    k = _load_rows(K, offs_n, n_valid, stride_kn, stride_kd, offs_d, d_valid)
-    if K_NORM:
-        k_normed, k_hat, k_rstd = _layer_norm_rows(k.to(tl.float32), KW, KB, offs_d, d_valid, HEAD_DIM, k_eps)
-        k = k_normed.to(k.dtype)
-    v = _load_rows(V, offs_n, n_valid, stride_vn, stride_vd, offs_d, d_valid)
-    if DROPOUT:
-        seed = tl.load(SEED)
+    pid_bh, pid_n, Q, K, V, DO, LSE, DELTA, offs_d, d_valid = _bwd_program(
+        Q, K, V, DO, LSE, DELTA, H, N, stride_qb, stride_qh, stride_kb, stride_kh, stride_vb, stride_vh,
+        stride_dob, stride_doh, HEAD_DIM, BLOCK_D)
+    offs_n, n_valid, k, k_hat, k_rstd, v = _key_rows(K, V, pid_n * BLOCK_N, N, stride_kn, stride_kd, stride_vn,
+                                                     stride_vd, offs_d, d_valid, K_NORM, KW, KB, k_eps, HEAD_DIM,
+                                                     BLOCK_N)
+    seed = tl.load(SEED) if DROPOUT else 0
 
     if K_NORM:
-        KW_PART += pid_bh.to(tl.int64) * num_slots * 2 * HEAD_DIM
-        _zero_trailing_slots(KW_PART, pid_n, num_slots, HEAD_DIM, BLOCK_D, BLOCK_N, SLOT_ROWS)
+        KW_PART = _zero_trailing_slots(KW_PART, pid_bh, pid_n, num_slots, HEAD_DIM, BLOCK_D, BLOCK_N, SLOT_ROWS)
     dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     for start_m in range(0, N, BLOCK_M):
-        offs_m = start_m + tl.arange(0, BLOCK_M)
-        m_valid = offs_m < N
-        q = _load_rows(Q, offs_m, m_valid, stride_qn, stride_qd, offs_d, d_valid)
-        if Q_NORM:
-            q = _layer_norm_rows(q.to(tl.float32), QW, QB, offs_d, d_valid, HEAD_DIM, q_eps)[0].to(q.dtype)
-        do = _load_rows(DO, offs_m, m_valid, stride_don, stride_dod, offs_d, d_valid)
-        lse = tl.load(LSE + offs_m, mask=m_valid, other=0.0)
-        delta = tl.load(DELTA + offs_m, mask=m_valid, other=0.0)
-        s = tl.dot(q, tl.trans(k), input_precision=INPUT_PRECISION) * qk_scale
-        # Padded query rows and padded keys (whose normed k is the bias, not 0) get p = 0, so
-        # they reach neither dv, dk nor the norm's partial sums.
-        p = tl.where(m_valid[:, None] & n_valid[None, :], tl.exp2(s - lse[:, None]), 0.0)
-        dp = tl.dot(do, tl.trans(v), input_precision=INPUT_PRECISION)
-        if DROPOUT:
-            keep = _keep(seed, pid_bh, offs_m, offs_n, N, dropout_p)
-            pd = tl.where(keep, p / (1.0 - dropout_p), 0.0)
-            dp = tl.where(keep, dp / (1.0 - dropout_p), 0.0)
-        else:
-            pd = p
+        offs_m, m_valid, q, _, _, do, lse, delta = _query_rows(Q, DO, LSE, DELTA, start_m, N, stride_qn, stride_qd,
+                                                               stride_don, stride_dod, offs_d, d_valid, Q_NORM,
+                                                               QW, QB, q_eps, HEAD_DIM, BLOCK_M)
+        p, pd, dp = _bwd_probs(q, k, v, do, lse, offs_m, offs_n, m_valid, n_valid, seed, pid_bh, N, qk_scale,
+                               dropout_p, DROPOUT, INPUT_PRECISION)
         dv += tl.dot(tl.trans(pd.to(do.dtype)), do, input_precision=INPUT_PRECISION)
         ds = p * (dp - delta[:, None])
         dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=INPUT_PRECISION)
 
-    dk *= scale
-    if K_NORM:
-        part = KW_PART + pid_n * (BLOCK_N // SLOT_ROWS) * 2 * HEAD_DIM
-        dk = _layer_norm_rows_bwd(dk, k_hat, k_rstd, n_valid, KW, part, offs_d, d_valid, HEAD_DIM)
+    dk = _own_rows_grad(dk, scale, K_NORM, k_hat, k_rstd, n_valid, KW, KW_PART, pid_n, offs_d, d_valid, HEAD_DIM,
+                        BLOCK_N, SLOT_ROWS)
     _store_rows(_head_base(DK, pid_bh, H, stride_dkb, stride_dkh), dk, offs_n, n_valid, stride_dkn, stride_dkd,
                 offs_d, d_valid)
     _store_rows(_head_base(DV, pid_bh, H, stride_dvb, stride_dvh), dv, offs_n, n_valid, stride_dvn, stride_dvd,
@@ -381,7 +465,10 @@ def _attention_bwd_dkdv(
 @_autotune("dq")
 @triton.jit
 def _attention_bwd_dq(
-    Q, K, V, DO, LSE, DELTA, DQ, SEED, QW, QB, KW, KB, QW_PART,
+    Q, K, V, DO, LSE, DELTA,        # as in _attention_bwd_dkdv
+    DQ,                             # (B, H, N, D) out
+    SEED, QW, QB, KW, KB,           # as in _attention_fwd
+    QW_PART,                        # as KW_PART in _attention_bwd_dkdv, for the q-norm
     stride_qb, stride_qh, stride_qn, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
@@ -389,58 +476,36 @@ def _attention_bwd_dq(
     stride_dqb, stride_dqh, stride_dqn, stride_dqd,
     H, N, num_slots, scale, qk_scale, q_eps, k_eps, dropout_p,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, Q_NORM: tl.constexpr, K_NORM: tl.constexpr,
-    DROPOUT: tl.constexpr, INPUT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    DROPOUT: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr,          # query rows per program
+    BLOCK_N: tl.constexpr,          # keys per loop step
     SLOT_ROWS: tl.constexpr,
 ):
     """dq of query rows [pid_m * BLOCK_M, +BLOCK_M) of head pid_bh, looping over all keys.
 
     With Q_NORM, dq is taken through the LayerNorm and this block's (dw, db) of the q-norm go to
-    QW_PART[pid_bh, pid_m * BLOCK_M // SLOT_ROWS] (float32, shape (B*H, num_slots, 2, HEAD_DIM)).
+    QW_PART[pid_bh, pid_m * BLOCK_M // SLOT_ROWS].
     """
-    pid_bh = tl.program_id(0)
-    pid_m = tl.program_id(1)
-    Q = _head_base(Q, pid_bh, H, stride_qb, stride_qh)
-    K = _head_base(K, pid_bh, H, stride_kb, stride_kh)
-    V = _head_base(V, pid_bh, H, stride_vb, stride_vh)
-    DO = _head_base(DO, pid_bh, H, stride_dob, stride_doh)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, BLOCK_D)
-    m_valid = offs_m < N
-    d_valid = offs_d < HEAD_DIM
-
-    q = _load_rows(Q, offs_m, m_valid, stride_qn, stride_qd, offs_d, d_valid)
-    if Q_NORM:
-        q_normed, q_hat, q_rstd = _layer_norm_rows(q.to(tl.float32), QW, QB, offs_d, d_valid, HEAD_DIM, q_eps)
-        q = q_normed.to(q.dtype)
-    do = _load_rows(DO, offs_m, m_valid, stride_don, stride_dod, offs_d, d_valid)
-    lse = tl.load(LSE + pid_bh.to(tl.int64) * N + offs_m, mask=m_valid, other=0.0)
-    delta = tl.load(DELTA + pid_bh.to(tl.int64) * N + offs_m, mask=m_valid, other=0.0)
-    if DROPOUT:
-        seed = tl.load(SEED)
+    pid_bh, pid_m, Q, K, V, DO, LSE, DELTA, offs_d, d_valid = _bwd_program(
+        Q, K, V, DO, LSE, DELTA, H, N, stride_qb, stride_qh, stride_kb, stride_kh, stride_vb, stride_vh,
+        stride_dob, stride_doh, HEAD_DIM, BLOCK_D)
+    offs_m, m_valid, q, q_hat, q_rstd, do, lse, delta = _query_rows(
+        Q, DO, LSE, DELTA, pid_m * BLOCK_M, N, stride_qn, stride_qd, stride_don, stride_dod, offs_d, d_valid,
+        Q_NORM, QW, QB, q_eps, HEAD_DIM, BLOCK_M)
+    seed = tl.load(SEED) if DROPOUT else 0
 
     if Q_NORM:
-        QW_PART += pid_bh.to(tl.int64) * num_slots * 2 * HEAD_DIM
-        _zero_trailing_slots(QW_PART, pid_m, num_slots, HEAD_DIM, BLOCK_D, BLOCK_M, SLOT_ROWS)
+        QW_PART = _zero_trailing_slots(QW_PART, pid_bh, pid_m, num_slots, HEAD_DIM, BLOCK_D, BLOCK_M, SLOT_ROWS)
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     for start_n in range(0, N, BLOCK_N):
-        offs_n = start_n + tl.arange(0, BLOCK_N)
-        n_valid = offs_n < N
-        k = _load_rows(K, offs_n, n_valid, stride_kn, stride_kd, offs_d, d_valid)
-        if K_NORM:
-            k = _layer_norm_rows(k.to(tl.float32), KW, KB, offs_d, d_valid, HEAD_DIM, k_eps)[0].to(k.dtype)
-        v = _load_rows(V, offs_n, n_valid, stride_vn, stride_vd, offs_d, d_valid)
-        s = tl.dot(q, tl.trans(k), input_precision=INPUT_PRECISION) * qk_scale
-        p = tl.where(m_valid[:, None] & n_valid[None, :], tl.exp2(s - lse[:, None]), 0.0)
-        dp = tl.dot(do, tl.trans(v), input_precision=INPUT_PRECISION)
-        if DROPOUT:
-            keep = _keep(seed, pid_bh, offs_m, offs_n, N, dropout_p)
-            dp = tl.where(keep, dp / (1.0 - dropout_p), 0.0)
+        offs_n, n_valid, k, _, _, v = _key_rows(K, V, start_n, N, stride_kn, stride_kd, stride_vn, stride_vd,
+                                                offs_d, d_valid, K_NORM, KW, KB, k_eps, HEAD_DIM, BLOCK_N)
+        p, _, dp = _bwd_probs(q, k, v, do, lse, offs_m, offs_n, m_valid, n_valid, seed, pid_bh, N, qk_scale,
+                              dropout_p, DROPOUT, INPUT_PRECISION)
         ds = p * (dp - delta[:, None])
         dq += tl.dot(ds.to(k.dtype), k, input_precision=INPUT_PRECISION)
 
-    dq *= scale
-    if Q_NORM:
-        part = QW_PART + pid_m * (BLOCK_M // SLOT_ROWS) * 2 * HEAD_DIM
-        dq = _layer_norm_rows_bwd(dq, q_hat, q_rstd, m_valid, QW, part, offs_d, d_valid, HEAD_DIM)
+    dq = _own_rows_grad(dq, scale, Q_NORM, q_hat, q_rstd, m_valid, QW, QW_PART, pid_m, offs_d, d_valid, HEAD_DIM,
+                        BLOCK_M, SLOT_ROWS)
     _store_rows(_head_base(DQ, pid_bh, H, stride_dqb, stride_dqh), dq, offs_m, m_valid, stride_dqn, stride_dqd,
                 offs_d, d_valid)

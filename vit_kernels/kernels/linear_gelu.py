@@ -96,21 +96,32 @@ def _act_grad(x, ACT: tl.constexpr):
 
 
 @triton.jit
-def _gemm(a_ptr, b_ptr, c_ptr, bias_ptr, pre_ptr, aux_ptr, rowsum_ptr,
-          M, N, K,
-          stride_am, stride_ak, stride_bk, stride_bn, stride_cm, stride_cn,
-          stride_pm, stride_pk, stride_xm, stride_xn,
-          HAS_BIAS: tl.constexpr, ACT: tl.constexpr, PROLOGUE_GRAD: tl.constexpr,
-          EPILOGUE_GRAD: tl.constexpr, STORE_PRE: tl.constexpr, ROW_SUM: tl.constexpr,
-          DOT_PRECISION: tl.constexpr,
-          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
+def _gemm(
+    a_ptr,              # (M, K) A
+    b_ptr,              # (K, N) B
+    c_ptr,              # (M, N) out: C
+    bias_ptr,           # (N,) added to the accumulator (HAS_BIAS)
+    pre_ptr,            # (M, K) the saved pre-activation, laid out like A (read with PROLOGUE_GRAD)
+    aux_ptr,            # (M, N) out: the pre-activation (STORE_PRE); or in: dY (EPILOGUE_GRAD)
+    rowsum_ptr,         # (M,) out: sum_k prologue(A) (ROW_SUM)
+    M, N, K,
+    stride_am, stride_ak, stride_bk, stride_bn, stride_cm, stride_cn,   # any strides
+    stride_pm, stride_pk,                                               # of pre
+    stride_xm, stride_xn,                                               # of aux
+    HAS_BIAS: tl.constexpr,
+    ACT: tl.constexpr,              # activation id (ACT_IDS)
+    PROLOGUE_GRAD: tl.constexpr,    # A = A * act'(pre) as it is loaded
+    EPILOGUE_GRAD: tl.constexpr,    # C = dY * act'(acc)
+    STORE_PRE: tl.constexpr, ROW_SUM: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,    # of float32 dots: "ieee" or "tf32"
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    GROUP_M: tl.constexpr,          # row tiles per group of the grouped ordering
+):
     """C (M, N) = epilogue(prologue(A (M, K)) @ B (K, N)); each program owns one BLOCK_M x BLOCK_N tile of C.
 
     ACT is applied where the flags say: as act' in the prologue (PROLOGUE_GRAD) or in the
-    epilogue (EPILOGUE_GRAD), else as act in the epilogue.
-    bias (N,); pre (M, K) with A's layout (PROLOGUE_GRAD); aux (M, N): the stored
-    pre-activation (STORE_PRE) or dY (EPILOGUE_GRAD); rowsum (M,) = sum_k prologue(A), written
-    by the programs of the first tile column (ROW_SUM). Every operand may have any strides.
+    epilogue (EPILOGUE_GRAD), else as act in the epilogue. The row sums are written by the
+    programs of the first tile column.
     """
     # Grouped ordering: GROUP_M consecutive programs share a column of B tiles and walk down
     # GROUP_M rows of A, so both stay in L2 while the group runs.
