@@ -231,15 +231,12 @@ def test_bad_input(change, match):
         vk.ops.add_layer_norm(**args)
 
 
-def test_reference_backend_and_implementation():
+def test_reference_backend_runs_the_reference():
     args = good_args()
     with vk.use_backend("torch"):
         normed, new_res = vk.ops.add_layer_norm(**args)
-        assert vk.ops.implementation("add_layer_norm", DEVICE)[0] == "torch"
     expected = reference.add_layer_norm(**args)
     assert torch.equal(normed, expected[0]) and torch.equal(new_res, expected[1])
-    with vk.use_backend("triton"):
-        assert vk.ops.implementation("add_layer_norm", DEVICE)[0] == "triton"
 
 
 @pytest.mark.parametrize("factors", [True, False])
