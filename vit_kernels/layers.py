@@ -232,7 +232,10 @@ class LayerScale(nn.Module):
 
 
 class Mlp(nn.Module):
-    """fc1 -> act -> drop -> norm -> fc2 -> drop; fc1 + GELU run as one ``linear_gelu`` op."""
+    """fc1 -> act -> drop -> norm -> fc2 -> drop, as timm's Mlp.
+
+    With a GELU-family activation and nothing active between fc1 and fc2 the three run as one
+    ``vk.ops.mlp``; otherwise fc1 + activation run as ``linear_gelu`` and fc2 as ``linear``."""
 
     def __init__(self, in_features: int, hidden_features: Optional[int] = None,
                  out_features: Optional[int] = None, act_layer: LayerType = nn.GELU,
@@ -256,13 +259,23 @@ class Mlp(nn.Module):
         # The fused GEMMs serve token-major (..., C) inputs; 1x1 convs keep the PyTorch path.
         self.fused_activation = None if use_conv else fused_activation_name(self.act)
 
+    def _fuses_whole(self) -> bool:
+        """Whether fc1 -> act -> fc2 runs as one ``vk.ops.mlp``: nothing between them (no norm, no
+        active dropout) and no hooks on the modules it would skip."""
+        return (self.fused_activation is not None and isinstance(self.norm, nn.Identity)
+                and not (self.training and self.drop1.p > 0)
+                and not any(has_hooks(m) for m in (self.fc1, self.act, self.drop1, self.norm, self.fc2)))
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.fused_activation is not None:
+        if self._fuses_whole():
+            x = ops.mlp(x, self.fc1.weight, self.fc1.bias, self.fc2.weight, self.fc2.bias, self.fused_activation)
+            return self.drop2(x)
+        if self.fused_activation is not None and not has_hooks(self.fc1) and not has_hooks(self.act):
             x = ops.linear_gelu(x, self.fc1.weight, self.fc1.bias, self.fused_activation)
         else:
             x = self.act(self.fc1(x))
         x = self.norm(self.drop1(x))
-        if isinstance(self.fc2, nn.Linear):
+        if isinstance(self.fc2, nn.Linear) and not has_hooks(self.fc2):
             x = ops.linear(x, self.fc2.weight, self.fc2.bias)
         else:
             x = self.fc2(x)

@@ -100,6 +100,11 @@ def linear_gelu(x, weight, bias=None, activation_name: str = "gelu") -> torch.Te
     return activation(F.linear(x, weight, bias), activation_name)
 
 
+def mlp(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias=None, activation_name: str = "gelu") -> torch.Tensor:
+    """fc2(activation(fc1(x))), as timm's Mlp without dropout or norm."""
+    return F.linear(linear_gelu(x, fc1_weight, fc1_bias, activation_name), fc2_weight, fc2_bias)
+
+
 def patch_embed(images, weight, bias=None, pos_embed=None, prefix_tokens=None,
                 mean=None, std=None) -> torch.Tensor:
     """Image (B, C, H, W) -> tokens (B, P + L, D).

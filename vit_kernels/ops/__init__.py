@@ -12,9 +12,10 @@ from .. import backend
 from ._add_layer_norm import add_layer_norm
 from ._attention import attention, qkv_attention
 from ._linear_gelu import linear, linear_gelu
+from ._mlp import mlp
 from ._patch_embed import extension_choice, patch_embed
 
-__all__ = ["add_layer_norm", "attention", "qkv_attention", "linear", "linear_gelu", "patch_embed",
+__all__ = ["add_layer_norm", "attention", "qkv_attention", "linear", "linear_gelu", "mlp", "patch_embed",
            "implementation"]
 
 # What each op's kernel path runs, as ``implementation`` reports it.
@@ -22,8 +23,12 @@ _KERNELS = {
     "attention": "Triton flash attention (float32 on a GPU runs the reference)",
     "qkv_attention": "Triton flash attention on the packed projection (float32 on a GPU runs the reference)",
     "add_layer_norm": "Triton add + LayerNorm kernel",
-    "linear": "Triton GEMM with the bias in its epilogue (float32 on a GPU runs the reference)",
-    "linear_gelu": "Triton GEMM with bias + activation in its epilogue (float32 on a GPU runs the reference)",
+    "linear": "Triton persistent GEMM with the bias in its epilogue (float32 on a GPU runs cuBLAS through "
+              "PyTorch)",
+    "linear_gelu": "Triton persistent GEMM with bias + activation in its epilogue (float32 on a GPU runs cuBLAS "
+                   "through PyTorch)",
+    "mlp": "Triton persistent GEMMs: fc1 + bias + activation, fc2 + bias; act' in one backward epilogue "
+           "(float32 on a GPU runs cuBLAS through PyTorch)",
 }
 
 

@@ -1,17 +1,20 @@
-"""The MLP's GEMMs: Linear + bias + GELU (fc1) and Linear + bias (fc2), forward and backward.
+"""Linear + bias (``linear``) and Linear + bias + activation (``linear_gelu``), forward and backward,
+and the GEMM launches they share with the MLP op (``_mlp``).
 
-Both run one Triton GEMM (``kernels/linear_gelu.py``) with the bias and activation in its
-epilogue; the backward reuses it with swapped strides (see that module's docstring).
+Every GEMM is one launch of the persistent kernel of ``kernels/gemm.py``, with operands given
+as (possibly transposed) views: W^T, dY^T and x^T are strides, never copies. Weight gradients
+are split over K (``weight_grad``); bias gradients are float32 sums of the output gradient.
 
 Precision: fp16/bf16 operands, fp32 accumulation, output in the input dtype. float32 runs the
-kernel only in the interpreter (``backend.float32_dots_on_kernels``), with the dot precision of
-``backend.dot_precision``; float64 runs the reference.
+kernel only in the interpreter (``backend.float32_dots_on_kernels``): on a GPU it runs PyTorch,
+i.e. cuBLAS, whatever ``torch.get_float32_matmul_precision`` says; float64 runs the reference.
 
-Memory vs time (fc1): by default the forward stores the pre-activation ``x @ W^T + b`` when a
-gradient will be needed, and the backward forms ``dY * act'(pre)`` while loading it. With
-``recompute=True`` nothing beyond x, W, b is kept and the backward recomputes the
-pre-activation with one more GEMM (about +50% of fc1's backward time, one (M, N) activation
-less: 4 * C values per token).
+Memory vs time (``linear_gelu``): by default the forward stores the pre-activation when a
+gradient will be needed and the backward forms dY * act'(pre) from it in one elementwise pass.
+With ``recompute=True`` nothing beyond x, W, b is kept: the backward recomputes the
+pre-activation in a GEMM whose epilogue writes dY * act'(pre) directly (one GEMM more, one
+(M, N) activation less). Inside an MLP, ``vk.ops.mlp`` needs neither: act' goes in the
+epilogue of the GEMM that produces dH.
 """
 from __future__ import annotations
 
@@ -22,26 +25,32 @@ import torch
 from .. import backend, reference
 
 if backend.triton_installed():  # without triton, backend.runs_kernels picks the reference
-    from ..kernels import linear_gelu as kernels
+    import triton
+
+    from ..kernels import gemm as kernels
 
 
-def _check_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> None:
+def _check_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], prefix: str = "",
+                  in_features: Optional[int] = None) -> None:
+    """weight (N, in_features) and bias (N,) on x's device, in_features x's last size unless given;
+    ``prefix`` names them in errors (``fc1_`` for fc1_weight)."""
     if x.dim() < 1:
         raise ValueError("x must have at least 1 dimension (..., in_features); got a 0-d tensor")
-    if weight.dim() != 2 or weight.shape[1] != x.shape[-1]:
-        raise ValueError(f"weight must have shape (N, {x.shape[-1]}) for x of shape {tuple(x.shape)}; "
+    in_features = x.shape[-1] if in_features is None else in_features
+    if weight.dim() != 2 or weight.shape[1] != in_features:
+        raise ValueError(f"{prefix}weight must have shape (N, {in_features}) for x of shape {tuple(x.shape)}; "
                          f"got {tuple(weight.shape)}")
     if bias is not None and bias.shape != (weight.shape[0],):
-        raise ValueError(f"bias must have shape ({weight.shape[0]},); got {tuple(bias.shape)}")
+        raise ValueError(f"{prefix}bias must have shape ({weight.shape[0]},); got {tuple(bias.shape)}")
     for name, t in (("weight", weight), ("bias", bias)):
         if t is not None and t.device != x.device:
-            raise ValueError(f"{name} must be on x's device {x.device}; got {t.device}")
+            raise ValueError(f"{prefix}{name} must be on x's device {x.device}; got {t.device}")
 
 
-def _check_dtypes(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> None:
+def _check_dtypes(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], prefix: str = "") -> None:
     for name, t in (("weight", weight), ("bias", bias)):
         if t is not None and t.dtype != x.dtype:
-            raise ValueError(f"{name} must have x's dtype {x.dtype}; got {t.dtype}")
+            raise ValueError(f"{prefix}{name} must have x's dtype {x.dtype}; got {t.dtype}")
 
 
 def _autocast(*tensors: Optional[torch.Tensor]) -> tuple[Optional[torch.Tensor], ...]:
@@ -55,24 +64,72 @@ def _autocast(*tensors: Optional[torch.Tensor]) -> tuple[Optional[torch.Tensor],
                  for t in tensors)
 
 
-def _launch(a, b, c, M, N, K, a_strides, b_strides, *, bias=None, act="none", pre=None, pre_strides=(0, 0),
-            aux=None, prologue_grad=False, epilogue_grad=False, store_pre=False, row_sum=None):
-    """c (M, N) = epilogue(prologue(a) @ b) with a (M, K) and b (K, N) given as strides."""
+def _tma_transposed(t: torch.Tensor) -> Optional[bool]:
+    """How a TMA descriptor can read the 2-d view ``t``: False if it is row-major, True if its
+    transpose is, None if neither (then the kernel reads through pointers). TMA needs unit
+    stride along the inner dimension, a 16-byte aligned base and 16-byte multiples elsewhere."""
+    if t.numel() == 0 or t.data_ptr() % 16:
+        return None
+    size = t.element_size()
+    for transposed, (outer, inner) in ((False, t.stride()), (True, t.stride()[::-1])):
+        rows, cols = t.shape[::-1] if transposed else t.shape
+        if (inner == 1 or cols == 1) and outer * size % 16 == 0 and outer >= cols:
+            return transposed
+    return None
+
+
+def gemm(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor, *, bias=None, act: str = "none",
+         epilogue=None, aux=None, store_pre: bool = False, col_sum=None, split: int = 1) -> torch.Tensor:
+    """c = epilogue(a @ b) for views a (M, K) and b (K, N) of any strides; returns c.
+
+    c is (M, N), or (split, M, N) float32 partial products with ``split`` > 1. ``epilogue`` is
+    one of the kernel's EPILOGUE_* (act by default); ``aux`` its (M, N) second tensor; col_sum a
+    zeroed ``col_sum_buffer`` buffer for the column sums of c per row tile."""
+    M, K = a.shape
+    N = b.shape[1]
     if M == 0 or N == 0:
-        return  # nothing to write, and Triton rejects an empty grid
+        return c  # nothing to write, and Triton rejects an empty grid
+    a_t, b_t = _tma_transposed(a), _tma_transposed(b)
     placeholder = c  # unused pointer arguments: the constexpr flags keep the kernel off them
-    aux_strides = (aux.stride(0), aux.stride(1)) if aux is not None else (0, 0)
-    backend.launcher(kernels.gemm)[kernels.grid(M, N)](
+    aux_strides = aux.stride() if aux is not None else (0, 0)
+    programs = kernels.num_programs(a.device)
+    backend.launcher(kernels.gemm)[kernels.grid(M, N, split, programs)](
         a, b, c,
         placeholder if bias is None else bias,
-        placeholder if pre is None else pre,
         placeholder if aux is None else aux,
-        placeholder if row_sum is None else row_sum,
-        M, N, K, *a_strides, *b_strides, c.stride(0), c.stride(1), *pre_strides, *aux_strides,
-        HAS_BIAS=bias is not None, ACT=kernels.ACT_IDS[act], PROLOGUE_GRAD=prologue_grad,
-        EPILOGUE_GRAD=epilogue_grad, STORE_PRE=store_pre, ROW_SUM=row_sum is not None,
+        placeholder if col_sum is None else col_sum,
+        M, N, K, *a.stride(), *b.stride(), c.stride(0) if split > 1 else 0, c.stride(-2), c.stride(-1),
+        *aux_strides,
+        A_T=bool(a_t), B_T=bool(b_t), TMA=a_t is not None and b_t is not None,
+        HAS_BIAS=bias is not None, ACT=kernels.ACT_IDS[act],
+        EPILOGUE=kernels.EPILOGUE_ACT if epilogue is None else epilogue,
+        STORE_PRE=store_pre, COL_SUM=col_sum is not None, SPLIT_K=split,
         DOT_PRECISION=backend.dot_precision(a.dtype),
     )
+    return c
+
+
+def col_sum_buffer(M: int, N: int, like: torch.Tensor) -> torch.Tensor:
+    """The zeroed float32 buffer ``gemm(col_sum=)`` writes: one row of sums per row tile of the
+    smallest tile height (taller tiles leave their extra rows 0)."""
+    return torch.zeros((triton.cdiv(M, kernels.MIN_BLOCK_M), N), dtype=torch.float32, device=like.device)
+
+
+def weight_grad(grad: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """dW (N, K) = grad^T @ x for grad (M, N), x (M, K): split over the M tokens so that the few
+    output tiles fill the machine, the float32 slices summed in a fixed order (deterministic)."""
+    M, N = grad.shape
+    K = x.shape[1]
+    split = kernels.split_k(N, K, M, kernels.num_programs(x.device))
+    if split == 1:
+        return gemm(grad.t(), x, x.new_empty((N, K)))
+    partial = gemm(grad.t(), x, x.new_empty((split, N, K), dtype=torch.float32), split=split)
+    return partial.sum(0).to(x.dtype)
+
+
+def bias_grad(grad: torch.Tensor) -> torch.Tensor:
+    """db = the column sums of grad (M, N), accumulated in float32."""
+    return grad.sum(0, dtype=torch.float32).to(grad.dtype)
 
 
 def _fwd(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], activation: str,
@@ -80,14 +137,12 @@ def _fwd(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], ac
     """act(x @ weight^T + bias) for x (M, K), weight (N, K); and the pre-activation (M, N) if save_pre, else (0,)."""
     if activation not in kernels.ACT_IDS:
         raise ValueError(f"activation must be one of {tuple(kernels.ACT_IDS)}; got {activation!r}")
-    M, K = x.shape
+    M = x.shape[0]
     N = weight.shape[0]
     save_pre = save_pre and activation != "none"
-    out = x.new_empty((M, N))
     pre = x.new_empty((M, N) if save_pre else (0,))
-    # W^T as the (K, N) operand: swapped strides, no copy.
-    _launch(x, weight, out, M, N, K, (x.stride(0), x.stride(1)), (weight.stride(1), weight.stride(0)),
-            bias=bias, act=activation, aux=pre if save_pre else None, store_pre=save_pre)
+    out = gemm(x, weight.t(), x.new_empty((M, N)), bias=bias, act=activation, aux=pre if save_pre else None,
+               store_pre=save_pre)
     return out, pre
 
 
@@ -100,32 +155,19 @@ def _bwd(grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, bias: Option
     """
     M, K = x.shape
     N = weight.shape[0]
-    need_db = need_db and bias is not None
-    dx = x.new_empty((M, K) if need_dx else (0,))
-    dw = weight.new_empty((N, K) if need_dw else (0,))
-    db = weight.new_empty((N,) if need_db else (0,))
-    if M == 0 or N == 0:
-        for t in (dx, dw, db):
-            t.zero_()
-        return dx, dw, db
-    fused = activation != "none" and pre.numel() > 0
-    if activation != "none" and not fused:
-        # Recompute mode: dY' = dY * act'(x @ W^T + b) from one more GEMM, then plain GEMMs.
-        dy = grad.new_empty((M, N))
-        _launch(x, weight, dy, M, N, K, (x.stride(0), x.stride(1)), (weight.stride(1), weight.stride(0)),
-                bias=bias, act=activation, aux=grad, epilogue_grad=True)
-        grad, activation = dy, "none"
-    prologue = dict(act=activation, prologue_grad=fused, pre=pre if fused else None)
-    if need_dx:
-        prologue["pre_strides"] = (pre.stride(0), pre.stride(1)) if fused else (0, 0)
-        _launch(grad, weight, dx, M, K, N, (grad.stride(0), grad.stride(1)), (weight.stride(0), weight.stride(1)),
-                **prologue)
-    if need_dw or need_db:
-        # dY'^T as the (N, M) operand; its row sums over the M tokens are db.
-        prologue["pre_strides"] = (pre.stride(1), pre.stride(0)) if fused else (0, 0)
-        dw_out = dw if need_dw else weight.new_empty((N, K))  # rare: a frozen weight with a trained bias
-        _launch(grad, x, dw_out, N, K, M, (grad.stride(1), grad.stride(0)), (x.stride(0), x.stride(1)),
-                row_sum=db if need_db else None, **prologue)
+    if activation != "none" and pre.numel() > 0:
+        # grad may be an expanded view; the elementwise kernel reads it flat.
+        dy, grad = grad.contiguous(), x.new_empty((M, N))
+        numel = grad.numel()
+        backend.launcher(kernels._act_grad_product)[(triton.cdiv(numel, kernels.ELEMENTWISE_BLOCK),)](
+            dy, pre, grad, numel, ACT=kernels.ACT_IDS[activation], BLOCK=kernels.ELEMENTWISE_BLOCK)
+    elif activation != "none":
+        # Recompute mode: dY' = dY * act'(x @ W^T + b) from one more GEMM.
+        grad = gemm(x, weight.t(), x.new_empty((M, N)), bias=bias, act=activation,
+                    epilogue=kernels.EPILOGUE_GRAD_OF_ACC, aux=grad)
+    dx = gemm(grad, weight, x.new_empty((M, K))) if need_dx else x.new_empty((0,))
+    dw = weight_grad(grad, x) if need_dw else x.new_empty((0,))
+    db = bias_grad(grad) if need_db and bias is not None else x.new_empty((0,))
     return dx, dw, db
 
 
