@@ -136,21 +136,27 @@ def _load_operand(desc, ptr, off_r, off_c, R, C, stride_r, stride_c,
     Through the descriptor, which holds the operand as stored: (C, R) when TRANSPOSED."""
     if TMA:
         if TRANSPOSED:
-            return desc.load([off_c, off_r]).T
-        return desc.load([off_r, off_c])
-    rows = (off_r + tl.arange(0, BLOCK_R)).to(tl.int64)
-    cols = (off_c + tl.arange(0, BLOCK_C)).to(tl.int64)
-    mask = (rows < R)[:, None] & (cols < C)[None, :]
-    return tl.load(ptr + rows[:, None] * stride_r + cols[None, :] * stride_c, mask=mask, other=0.0)
+            tile = desc.load([off_c, off_r]).T
+        else:
+            tile = desc.load([off_r, off_c])
+    else:
+        rows = (off_r + tl.arange(0, BLOCK_R)).to(tl.int64)
+        cols = (off_c + tl.arange(0, BLOCK_C)).to(tl.int64)
+        mask = (rows < R)[:, None] & (cols < C)[None, :]
+        tile = tl.load(ptr + rows[:, None] * stride_r + cols[None, :] * stride_c, mask=mask, other=0.0)
+    return tile
 
 
 @triton.jit
 def _descriptor(ptr, R, C, stride_r, stride_c, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
                 TRANSPOSED: tl.constexpr):
     """A TMA descriptor of an (R, C) operand over its storage: row-major, or (C, R) row-major when TRANSPOSED."""
+    # if/else, not an early return: the two descriptors are of different types.
     if TRANSPOSED:
-        return tl.make_tensor_descriptor(ptr, shape=[C, R], strides=[stride_c, 1], block_shape=[BLOCK_C, BLOCK_R])
-    return tl.make_tensor_descriptor(ptr, shape=[R, C], strides=[stride_r, 1], block_shape=[BLOCK_R, BLOCK_C])
+        desc = tl.make_tensor_descriptor(ptr, shape=[C, R], strides=[stride_c, 1], block_shape=[BLOCK_C, BLOCK_R])
+    else:
+        desc = tl.make_tensor_descriptor(ptr, shape=[R, C], strides=[stride_r, 1], block_shape=[BLOCK_R, BLOCK_C])
+    return desc
 
 
 @triton.jit
@@ -172,7 +178,8 @@ def _gemm(
     ACT: tl.constexpr,              # activation id (ACT_IDS)
     EPILOGUE: tl.constexpr,         # EPILOGUE_ACT, EPILOGUE_GRAD_OF_ACC or EPILOGUE_GRAD_OF_AUX
     STORE_PRE: tl.constexpr, COL_SUM: tl.constexpr,
-    SPLIT_K: tl.constexpr,          # K slices, each written to its own float32 slice of C
+    SPLIT_K,                        # K slices, each written to its own float32 slice of C (not a
+                                    # constexpr: one compiled kernel serves every count)
     DOT_PRECISION: tl.constexpr,    # of float32 dots: "ieee" or "tf32"
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr,          # row tiles per group of the grouped ordering
