@@ -19,6 +19,9 @@ from . import launches, sm90
 # Rules a kept config must pass (--check).
 MAX_SHARED = sm90.BLOCK_SHARED_MAX
 TENSOR_CORE_DTYPES = ("bf16", "f16")
+# The weight-gradient GEMMs of this scenario must keep this much of their last wave busy.
+WAVE_SCENARIO = "ViT-B/16 train b256"
+MIN_LAST_WAVE = 0.9
 
 
 @dataclasses.dataclass
@@ -142,18 +145,48 @@ def _loads_label(row: dict) -> str:
     return "ld.global"
 
 
+def waves(recorded: list[launches.Recorded]) -> list[dict]:
+    """How full the last round of every persistent GEMM launch of ``WAVE_SCENARIO`` (bf16) is, per
+    kept config. A weight gradient (K, the tokens, longer than both output dims) below
+    ``MIN_LAST_WAVE`` is a violation: its few output tiles must be split over K to fill the machine."""
+    from ..kernels import gemm
+
+    found = {}
+    for rec in recorded:
+        if rec.scenario != WAVE_SCENARIO or rec.precision != "bf16" or rec.launch.kernel is not gemm.gemm:
+            continue
+        launch = rec.launch
+        args = {**dict(zip(launch.kernel.arg_names, launch.args)), **launch.kwargs}
+        for config in sm90.kept_configs(launch.kernel, launch.args, launch.kwargs):
+            meta = config.all_kwargs()
+            count = gemm.tiles(args["M"], args["N"], args["SPLIT_K"], meta["BLOCK_M"], meta["BLOCK_N"])
+            programs = launch.grid(meta)[0]
+            weight_grad = args["K"] > max(args["M"], args["N"])
+            last = gemm.last_wave(count, programs)
+            row = dict(M=args["M"], N=args["N"], K=args["K"], split_k=args["SPLIT_K"], config=_config_label(config),
+                       weight_grad=weight_grad, tiles=count, programs=programs, last_wave=round(last, 3),
+                       violations=[f"last wave {last:.0%} busy (< {MIN_LAST_WAVE:.0%})"]
+                       if weight_grad and last < MIN_LAST_WAVE else [])
+            found[(row["M"], row["N"], row["K"], row["split_k"], row["config"])] = row
+    return list(found.values())
+
+
 @dataclasses.dataclass
 class Report:
     meta: dict
     rows: list[dict]
     variants: list[dict]
     cold_start: dict
+    waves: list[dict]
 
     def failures(self) -> list[dict]:
         return [r for r in self.rows if r["kept"] and r["violations"]] + \
             [dict(kernel=v["kernel"], variant=v["label"], config="-", violations=["no kept config passes"])
              for v in self.variants if not any(r["kept"] and not r["violations"] for r in self.rows
-                                               if r["variant_id"] == v["id"])]
+                                               if r["variant_id"] == v["id"])] + \
+            [dict(kernel="vit_kernels.kernels.gemm._gemm", variant=f"M={w['M']} N={w['N']} K={w['K']} "
+                  f"SPLIT_K={w['split_k']}", config=w["config"], violations=w["violations"])
+             for w in self.waves if w["violations"]]
 
 
 def _toolchain() -> dict:
@@ -236,12 +269,13 @@ def build(precisions: tuple[str, ...], all_configs: bool, workers: int, kernels:
     meta = dict(**_toolchain(), configs="all" if all_configs else "kept", precisions=list(precisions),
                 date=datetime.date.today().isoformat(), compile_seconds=round(elapsed, 1), workers=workers,
                 mean_compile_seconds=round(mean_seconds, 2))
-    return Report(meta, rows, variant_rows, cold_start(results, mean_seconds))
+    return Report(meta, rows, variant_rows, cold_start(results, mean_seconds), waves(recorded))
 
 
 def to_json(report: Report) -> str:
-    return json.dumps(dict(meta=report.meta, cold_start=report.cold_start, variants=report.variants,
-                           rows=report.rows, failures=report.failures()), indent=1, default=str)
+    return json.dumps(dict(meta=report.meta, cold_start=report.cold_start, waves=report.waves,
+                           variants=report.variants, rows=report.rows, failures=report.failures()),
+                      indent=1, default=str)
 
 
 def to_markdown(report: Report, command: str) -> str:
@@ -269,7 +303,16 @@ def to_markdown(report: Report, command: str) -> str:
             f"{c['configs_benchmarked']} configs benchmarked, {c['compilations']} distinct compilations: "
             f"about {c['estimated_minutes']} min of compiling in one process at this run's mean compile time "
             f"({report.meta['mean_compile_seconds']} s; lower when Triton's cache already held some).", ""]
-    out += ["## Summary", "", "| kernel | variants | configs | kept rows | pruned rows | violations |",
+    out += [f"## Waves of the persistent GEMM: {WAVE_SCENARIO} (bf16)", "",
+            "One program per SM walks the tiles: the last round keeps `last wave` of them busy. Weight "
+            f"gradients (dW, K = tokens) are split over K until it is at least {MIN_LAST_WAVE:.0%}.", "",
+            "| M | N | K | dW | split-K | config | tiles | programs | last wave | verdict |",
+            "|---:|---:|---:|:-:|---:|---|---:|---:|---:|---|"]
+    for w in report.waves:
+        out.append(f"| {w['M']} | {w['N']} | {w['K']} | {'yes' if w['weight_grad'] else ''} | {w['split_k']} | "
+                   f"{w['config']} | {w['tiles']} | {w['programs']} | {w['last_wave']:.0%} | "
+                   f"{'; '.join(w['violations']) or 'ok'} |")
+    out += ["", "## Summary", "", "| kernel | variants | configs | kept rows | pruned rows | violations |",
             "|---|---:|---:|---:|---:|---:|"]
     for kernel in sorted({v["kernel"] for v in report.variants}):
         rows = [r for r in report.rows if r["kernel"] == kernel]
