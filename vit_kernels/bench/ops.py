@@ -203,6 +203,51 @@ LINEAR_GELU = OpBench(
     provider_reference={"addmm_gelu_tanh": functools.partial(reference.linear_gelu, activation_name="gelu_tanh")})
 
 
+# --- linear: h (B, N, 4C) @ weight (C, 4C)^T + bias (C,), fc2 of the MLP: the plain GEMM --------
+
+def _linear_cost(x: Shape, s: int) -> dict:
+    flop, byte = 2 * x.M * 4 * x.C * x.C, (x.M * 4 * x.C + 4 * x.C * x.C + x.M * x.C) * s
+    return {"fwd": (flop, byte), "bwd": (2 * flop, 2 * byte)}
+
+
+LINEAR = OpBench(
+    op="linear", label=lambda x: f"M={x.M} K={4 * x.C} N={x.C}",
+    inputs=lambda x, dtype, device: (_randn(x.B, x.N, 4 * x.C, device=device, dtype=dtype),
+                                     _randn(x.C, 4 * x.C, device=device, dtype=dtype, scale=(4 * x.C) ** -0.5),
+                                     0.1 * _randn(x.C, device=device, dtype=dtype)),
+    grad_inputs=(0, 1, 2),
+    cost=_linear_cost, formula="fwd 2*M*4C*C flop, (M*4C + 4C*C + M*C)*s bytes; bwd 2x the flop",
+    reference=reference.linear, baseline="eager",
+    providers={"vk": vk_ops.linear, "eager": F.linear},
+    compiled=F.linear)
+
+
+# --- mlp: fc2(GELU(fc1(x))), x (B, N, C), fc1 (4C, C), fc2 (C, 4C): timm's Mlp ---------------------
+
+def _eager_mlp(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias):
+    return F.linear(F.gelu(F.linear(x, fc1_weight, fc1_bias)), fc2_weight, fc2_bias)
+
+
+def _mlp_cost(x: Shape, s: int) -> dict:
+    flop = 2 * 2 * x.M * x.C * 4 * x.C
+    byte = (2 * x.M * x.C + 2 * 4 * x.C * x.C + x.M * 4 * x.C) * s  # x, y, both weights; h once (fc1 -> fc2)
+    return {"fwd": (flop, byte), "bwd": (2 * flop, 2 * byte)}
+
+
+MLP = OpBench(
+    op="mlp", label=lambda x: f"M={x.M} C={x.C} H={4 * x.C}",
+    inputs=lambda x, dtype, device: (_randn(x.B, x.N, x.C, device=device, dtype=dtype),
+                                     _randn(4 * x.C, x.C, device=device, dtype=dtype, scale=x.C ** -0.5),
+                                     0.1 * _randn(4 * x.C, device=device, dtype=dtype),
+                                     _randn(x.C, 4 * x.C, device=device, dtype=dtype, scale=(4 * x.C) ** -0.5),
+                                     0.1 * _randn(x.C, device=device, dtype=dtype)),
+    grad_inputs=(0, 1, 2, 3, 4),
+    cost=_mlp_cost, formula="fwd 4*M*C*4C flop, (2*M*C + 8C*C + M*4C)*s bytes; bwd 2x the flop",
+    reference=reference.mlp, baseline="eager",
+    providers={"vk": vk_ops.mlp, "vk_recompute": functools.partial(vk_ops.mlp, recompute=True), "eager": _eager_mlp},
+    compiled=_eager_mlp)
+
+
 # --- patch_embed: uint8 images (B, 3, img, img) -> tokens (B, L + 1, C) -------------------------
 
 def _timm_patch_embed(images, weight, bias, pos_embed, cls_token, mean, std):
@@ -237,7 +282,7 @@ PATCH_EMBED = OpBench(
     compiled=_timm_patch_embed)
 
 
-OP_BENCHES = {b.op: b for b in (ATTENTION, ADD_LAYER_NORM, LINEAR_GELU, PATCH_EMBED)}
+OP_BENCHES = {b.op: b for b in (ATTENTION, ADD_LAYER_NORM, LINEAR, LINEAR_GELU, MLP, PATCH_EMBED)}
 OPS = tuple(OP_BENCHES)
 # Every provider name of every op, so that a --providers filter with a typo is refused rather than
 # silently keeping only the baselines.

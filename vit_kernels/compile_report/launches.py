@@ -119,12 +119,18 @@ def _models() -> list[Scenario]:
     return scenarios
 
 
-def _linear_gelu_recompute(dtype: torch.dtype) -> None:
-    """fc1 of ViT-B with ``recompute=True``: no saved pre-activation, one more GEMM in the backward."""
-    x = torch.empty(TRAIN_BATCH * 197, 768, device=META, dtype=dtype, requires_grad=True)
-    w = torch.empty(3072, 768, device=META, dtype=dtype, requires_grad=True)
-    b = torch.empty(3072, device=META, dtype=dtype, requires_grad=True)
-    _backward(ops.linear_gelu(x, w, b, recompute=True))
+def _vit_b_mlp(op: str, recompute: bool) -> Callable[[torch.dtype], None]:
+    """ViT-B's MLP at batch 256 as ``linear_gelu`` (fc1 alone, as an Mlp with dropout or a norm
+    inside runs it) or as ``mlp``, keeping or recomputing the pre-activation."""
+    def run(dtype: torch.dtype) -> None:
+        def param(*shape):
+            return torch.empty(*shape, device=META, dtype=dtype, requires_grad=True)
+        x, w1, b1, w2, b2 = param(TRAIN_BATCH * 197, 768), param(3072, 768), param(3072), param(768, 3072), param(768)
+        if op == "mlp":
+            _backward(ops.mlp(x, w1, b1, w2, b2, recompute=recompute))
+        else:
+            _backward(ops.linear_gelu(x, w1, b1, recompute=recompute))
+    return run
 
 
 def _attention_bhnd(dtype: torch.dtype) -> None:
@@ -135,8 +141,9 @@ def _attention_bhnd(dtype: torch.dtype) -> None:
 
 
 def _ops() -> list[Scenario]:
-    return [Scenario("linear_gelu(recompute=True) fwd+bwd, ViT-B fc1", _linear_gelu_recompute),
-            Scenario("attention(q, k, v) fwd+bwd, (B, H, N, D) contiguous", _attention_bhnd)]
+    return [Scenario(f"{op}(recompute={recompute}) fwd+bwd, ViT-B", _vit_b_mlp(op, recompute))
+            for op in ("linear_gelu", "mlp") for recompute in (False, True)] + [
+        Scenario("attention(q, k, v) fwd+bwd, (B, H, N, D) contiguous", _attention_bhnd)]
 
 
 def scenarios() -> list[Scenario]:
