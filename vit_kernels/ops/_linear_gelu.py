@@ -64,11 +64,23 @@ def _autocast(*tensors: Optional[torch.Tensor]) -> tuple[Optional[torch.Tensor],
                  for t in tensors)
 
 
+def _address(t: torch.Tensor) -> int:
+    """Where ``t``'s data starts, modulo 16 at least. A traced (fake) or meta tensor has no address:
+    its offset into an allocation stands in, since PyTorch's allocations are aligned (and
+    torch.compile copies a misaligned input before a compiled graph reads it)."""
+    if t.device.type != "meta":
+        try:
+            return t.data_ptr()
+        except (RuntimeError, NotImplementedError):  # fake and functional tensors have no storage
+            pass
+    return t.storage_offset() * t.element_size()
+
+
 def _tma_transposed(t: torch.Tensor) -> Optional[bool]:
     """How a TMA descriptor can read the 2-d view ``t``: False if it is row-major, True if its
     transpose is, None if neither (then the kernel reads through pointers). TMA needs unit
     stride along the inner dimension, a 16-byte aligned base and 16-byte multiples elsewhere."""
-    if t.numel() == 0 or t.data_ptr() % 16:
+    if t.numel() == 0 or _address(t) % 16:
         return None
     size = t.element_size()
     for transposed, (outer, inner) in ((False, t.stride()), (True, t.stride()[::-1])):
