@@ -47,19 +47,25 @@ def _meta(*shape, dtype=torch.bfloat16, **kw):
 
 def main():
     out = {}
-    # The fc1 GEMM of ViT-B as the host launches it, with a 128x128x64 tile in 3 and 4 pipeline stages.
+    # The fc1 GEMM of ViT-B as the host launches it (row-major operands: through TMA descriptors),
+    # with a 128x128x64 tile in 3 and 4 pipeline stages; and the same launch through pointers
+    # (TMA=False), the path of operands no descriptor can read (cp.async loads).
     with vk.use_backend("triton"), backend.record_launches() as launches:
         vk.ops.linear_gelu(_meta(256 * 197, 768), _meta(3072, 768, requires_grad=True), _meta(3072))
     (fc1,) = launches
-    for stages in (3, 4):
-        config = triton.Config(dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8), num_warps=8, num_stages=stages)
-        out[f"stages{stages}"] = dict(row=_row(fc1.kernel, fc1.args, fc1.kwargs, config),
-                                      tile_bytes=(128 + 128) * 64 * 2)
-    # The same kernel with the launch's divisibility attributes dropped: what a report that
-    # guessed the specialisation would have compiled.
-    job = sm90.specialise(fc1.kernel, fc1.args, fc1.kwargs, config)
-    out["without_attrs"] = sm90.compile_job(sm90.Job(job.module, job.name, job.signature, job.constexprs, (),
-                                                     job.options))
+    assert fc1.kwargs["TMA"] is True, fc1.kwargs
+    paths = {"": fc1.kwargs, "pointer_": dict(fc1.kwargs, TMA=False)}
+    for path, kwargs in paths.items():
+        for stages in (3, 4):
+            config = triton.Config(dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8), num_warps=8,
+                                   num_stages=stages)
+            out[f"{path}stages{stages}"] = dict(row=_row(fc1.kernel, fc1.args, kwargs, config),
+                                                tile_bytes=(128 + 128) * 64 * 2)
+        # The same kernel with the launch's divisibility attributes dropped: what a report that
+        # guessed the specialisation would have compiled.
+        job = sm90.specialise(fc1.kernel, fc1.args, kwargs, config)
+        out[f"{path}without_attrs"] = sm90.compile_job(sm90.Job(job.module, job.name, job.signature, job.constexprs,
+                                                                (), job.options))
     x = _meta(128, 128, dtype=torch.float32)
     out["spilling"] = _row(_spilling, (x, x), dict(N=128, num_warps=1))
     a = _meta(64, 64)

@@ -35,21 +35,28 @@ def probe():
 def test_pipelined_gemm_holds_every_stage_in_shared_memory(probe):
     # Triton's pipeliner keeps num_stages (A, B) tile pairs in shared memory: with the
     # launch's specialisation it pipelines, so the report sees the kernel that really runs.
-    for stages in (3, 4):
-        row = probe[f"stages{stages}"]["row"]
-        assert row["error"] is None
-        assert row["shared"] >= stages * probe[f"stages{stages}"]["tile_bytes"], row
-        assert row["loads"]["LDGSTS"] > 0 and row["matrix"]["HGMMA"] > 0, row
-        assert row["violations"] == [], row
-    assert probe["stages4"]["row"]["shared"] > probe["stages3"]["row"]["shared"]
+    # The fc1 launch reads its operands through TMA descriptors (UTMALDG); its pointer variant
+    # through cp.async (LDGSTS).
+    for path, load in (("", "UTMALDG"), ("pointer_", "LDGSTS")):
+        for stages in (3, 4):
+            row = probe[f"{path}stages{stages}"]["row"]
+            assert row["error"] is None
+            assert row["shared"] >= stages * probe[f"{path}stages{stages}"]["tile_bytes"], row
+            assert row["loads"][load] > 0 and row["matrix"]["HGMMA"] > 0, row
+            assert row["violations"] == [], row
+        assert probe[f"{path}stages4"]["row"]["shared"] > probe[f"{path}stages3"]["row"]["shared"]
 
 
 def test_without_the_launch_attributes_the_pipeliner_gives_up(probe):
     # Why specialisation is taken from Triton's binder: without the divisibility attributes
-    # the same kernel compiles to something else (no cp.async, fewer stages).
-    guessed, real = probe["without_attrs"], probe["stages4"]["row"]
+    # the same kernel compiles to something else: through pointers no cp.async or fewer
+    # stages; through descriptors (which carry their own strides) another epilogue.
+    guessed, real = probe["pointer_without_attrs"], probe["pointer_stages4"]["row"]
     assert guessed["error"] is None
     assert guessed["loads"]["LDGSTS"] < real["loads"]["LDGSTS"] or guessed["shared"] < real["shared"], guessed
+    guessed, real = probe["without_attrs"], probe["stages4"]["row"]
+    assert guessed["error"] is None
+    assert guessed["instructions"] != real["instructions"], (guessed, real)
 
 
 def test_spilling_kernel_is_caught(probe):
@@ -67,6 +74,8 @@ def test_bf16_dot_runs_on_wgmma_only_with_a_full_warpgroup(probe):
 
 
 def test_records_the_launches_of_forward_and_backward():
+    from vit_kernels.kernels import gemm as kernels
+
     meta = dict(device="meta", dtype=torch.float16)
     x = torch.empty(197, 64, **meta, requires_grad=True)
     w = torch.empty(256, 64, **meta, requires_grad=True)
@@ -75,10 +84,35 @@ def test_records_the_launches_of_forward_and_backward():
         vk.ops.linear_gelu(x, w, b).sum().backward()
     with vk.use_backend("triton"), backend.record_launches() as recomputed:
         vk.ops.linear_gelu(x, w, b, recompute=True).sum().backward()
-    flags = [{k for k, v in launch.kwargs.items() if v is True} for launch in saved]
-    assert flags == [{"HAS_BIAS", "STORE_PRE"}, {"PROLOGUE_GRAD"}, {"PROLOGUE_GRAD", "ROW_SUM"}]
-    flags = [{k for k, v in launch.kwargs.items() if v is True} for launch in recomputed]
-    assert flags == [{"HAS_BIAS"}, {"HAS_BIAS", "EPILOGUE_GRAD"}, set(), {"ROW_SUM"}]
+
+    def epilogue(launch):
+        """(activation id, EPILOGUE, the epilogue flags set)."""
+        flags = {k for k, v in launch.kwargs.items() if v is True} & {"HAS_BIAS", "STORE_PRE", "COL_SUM"}
+        return launch.kwargs["ACT"], getattr(launch.kwargs["EPILOGUE"], "value", launch.kwargs["EPILOGUE"]), flags
+
+    def mnk(launch):
+        return launch.args[6:9]
+
+    gelu = kernels.ACT_IDS["gelu"]
+    split = kernels.split_k(256, 64, 197, kernels.num_programs(x.device))
+    # Saved pre-activation: the forward GEMM stores it; the backward forms dY * act'(pre) in one
+    # elementwise pass, then dX and dW are plain GEMMs (db is a PyTorch sum, no launch).
+    assert [launch.kernel for launch in saved] == [kernels.gemm, kernels._act_grad_product, kernels.gemm, kernels.gemm]
+    fwd, product, dx, dw = saved
+    assert epilogue(fwd) == (gelu, 0, {"HAS_BIAS", "STORE_PRE"}) and mnk(fwd) == (197, 256, 64)
+    assert product.kwargs["ACT"] == gelu and product.args[3] == 197 * 256
+    assert epilogue(dx) == (0, 0, set()) and mnk(dx) == (197, 64, 256) and dx.kwargs["SPLIT_K"] == 1
+    # dW = dPre^T @ x, split over the 197 tokens where the output has too few tiles (float32 slices).
+    assert epilogue(dw) == (0, 0, set()) and mnk(dw) == (256, 64, 197) and dw.kwargs["SPLIT_K"] == split
+    assert dw.args[2].shape == ((split, 256, 64) if split > 1 else (256, 64))
+    # Recomputed: no pre-activation stored; the backward's first GEMM recomputes it and writes
+    # dY * act'(pre) from its epilogue (EPILOGUE_GRAD_OF_ACC), then the same dX and dW.
+    assert [launch.kernel for launch in recomputed] == [kernels.gemm] * 4
+    fwd, grad, dx, dw = recomputed
+    assert epilogue(fwd) == (gelu, 0, {"HAS_BIAS"})
+    assert epilogue(grad) == (gelu, 1, {"HAS_BIAS"}) and mnk(grad) == (197, 256, 64)
+    assert epilogue(dx) == (0, 0, set()) and mnk(dx) == (197, 64, 256)
+    assert epilogue(dw) == (0, 0, set()) and mnk(dw) == (256, 64, 197) and dw.kwargs["SPLIT_K"] == split
     # The arguments are what a GPU launch would get: here the meta tensors, with their shapes.
     assert saved[0].args[0].shape == (197, 64) and saved[0].args[0].device.type == "meta"
 

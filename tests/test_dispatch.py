@@ -6,7 +6,7 @@ import torch
 import vit_kernels as vk
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-KERNEL_OPS = ("attention", "qkv_attention", "add_layer_norm", "linear", "linear_gelu")
+KERNEL_OPS = ("attention", "qkv_attention", "add_layer_norm", "linear", "linear_gelu", "mlp")
 
 
 @pytest.mark.parametrize("op", KERNEL_OPS)

@@ -106,6 +106,7 @@ def test_bfloat16_dots_refused_in_interpreter():
     q = torch.randn(1, 2, 8, 32, dtype=torch.bfloat16)
     model = vk.create_model("vit_tiny_patch16_224", img_size=32, depth=1)
     calls = {"linear": lambda: vk.ops.linear(x, w), "linear_gelu": lambda: vk.ops.linear_gelu(x, w),
+             "mlp": lambda: vk.ops.mlp(x, w, None, w.t()),
              "attention": lambda: vk.ops.attention(q, q, q),
              "qkv_attention": lambda: vk.ops.qkv_attention(torch.randn(1, 8, 96, dtype=torch.bfloat16), 1)}
     with vk.use_backend("triton"):
@@ -232,6 +233,8 @@ def _kernel_ops():
         "add_layer_norm": lambda x, w, qkv: vk.ops.add_layer_norm(x, x, w[0], None)[0],
         "linear": lambda x, w, qkv: vk.ops.linear(x, w),
         "linear_gelu": lambda x, w, qkv: vk.ops.linear_gelu(x, w),
+        # fc2 = fc1^T (a transposed view): 32 -> 24 -> 32 features.
+        "mlp": lambda x, w, qkv: vk.ops.mlp(x, w, w[:, 0], w.t(), w[0]),
         "attention": lambda x, w, qkv: vk.ops.attention(*qkv.unflatten(-1, (3, 1, 32)).permute(2, 0, 3, 1, 4)),
         "qkv_attention": lambda x, w, qkv: vk.ops.qkv_attention(qkv, 1),
     }, inputs

@@ -21,7 +21,7 @@ from hypothesis import strategies as st
 
 from vit_kernels import backend, reference
 
-from .utils import ADD_LAYER_NORM, ATTENTION, DEVICE, LINEAR, PATCH_EMBED, QKV_ATTENTION, Op, Sample, check
+from .utils import ADD_LAYER_NORM, ATTENTION, DEVICE, LINEAR, MLP, PATCH_EMBED, QKV_ATTENTION, Op, Sample, check
 
 LAYOUTS = ("contiguous", "transposed", "stepped", "expanded", "offset")
 # bfloat16 dots are refused in the interpreter (backend.refuse_bfloat16_dots).
@@ -114,6 +114,29 @@ def test_linear_sweep(data, seed):
     if data.draw(st.booleans(), label="bias"):
         case.tensor("bias", (N,), dtype)
     case.check(LINEAR, activation=activation)
+
+
+@SWEEP
+@given(data=st.data(), seed=st.integers(0, 2**31 - 1))
+def test_mlp_sweep(data, seed):
+    # Every layout of every operand: row-major ones go through TMA descriptors (either
+    # orientation), the others (stepped, expanded, offset, unaligned rows) through pointers.
+    case = Case(data, seed, fc1_bias=None, fc2_bias=None)
+    # Empty sizes last: hypothesis favours the first choices, and an empty x runs the reference.
+    B, M = data.draw(st.sampled_from([3, 1, 0]), label="B"), data.draw(st.sampled_from([40, 7, 1]), label="M")
+    C = data.draw(st.sampled_from([33, 16, 1, 0]), label="C")
+    H = data.draw(st.sampled_from([1, 24, 65]), label="H")
+    C_out = data.draw(st.sampled_from([1, 24, 65]), label="C_out")
+    dtype = data.draw(st.sampled_from(DOT_DTYPES), label="dtype")
+    activation = data.draw(st.sampled_from(reference.ACTIVATIONS), label="activation")
+    case.tensor("x", (B, M, C), dtype)
+    case.tensor("fc1_weight", (H, C), dtype, scale=max(C, 1) ** -0.5)
+    if data.draw(st.booleans(), label="fc1_bias"):
+        case.tensor("fc1_bias", (H,), dtype)
+    case.tensor("fc2_weight", (C_out, H), dtype, scale=H ** -0.5)
+    if data.draw(st.booleans(), label="fc2_bias"):
+        case.tensor("fc2_bias", (C_out,), dtype)
+    case.check(MLP, activation=activation, recompute=data.draw(st.booleans(), label="recompute"))
 
 
 @SWEEP

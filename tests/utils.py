@@ -306,6 +306,15 @@ def _linear_reference(x, weight, bias=None, activation="none", recompute=False):
     return reference.linear_gelu(x, weight, bias, activation)
 
 
+def _mlp_kernel(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias=None, activation="gelu", recompute=False):
+    return vk.ops.mlp(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, activation, recompute=recompute)
+
+
+def _mlp_reference(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias=None, activation="gelu", recompute=False):
+    """recompute is a kernel flag (keep or recompute the pre-activation): the same function either way."""
+    return reference.mlp(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, activation)
+
+
 class RMSNorm(torch.nn.Module):
     """A norm the attention kernel does not fuse (not an nn.LayerNorm): applied in PyTorch."""
 
@@ -336,6 +345,8 @@ def _qkv_attention(impl):
 ADD_LAYER_NORM = Op(vk.ops.add_layer_norm, reference.add_layer_norm, outputs=("normed", "new_residual"))
 # x, weight, bias; activation "none" is vk.ops.linear, any other vk.ops.linear_gelu.
 LINEAR = Op(_linear_kernel, _linear_reference)
+# fc2(act(fc1(x))): x, fc1_weight, fc1_bias, fc2_weight, fc2_bias; activation and recompute as kwargs.
+MLP = Op(_mlp_kernel, _mlp_reference)
 ATTENTION = Op(vk.ops.attention, reference.attention)
 QKV_ATTENTION = Op(_qkv_attention(vk.ops.qkv_attention), _qkv_attention(reference.qkv_attention))
 # The kernel path is the default dispatch ("auto": the C++ op on the CPU), the reference the same
