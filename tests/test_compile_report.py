@@ -167,6 +167,43 @@ def test_gate_rules():
     assert report.violations(_row(error="CompilationError: out of resources"))[0].startswith("does not compile")
 
 
+def test_gemm_main_loop_rule():
+    # The K loop of every GEMM variant stays within 1.2x the plainest one's with the same config:
+    # an activation derivative applied as A is loaded (the old fc1 backward) is caught.
+    def gemm_row(config, loop):
+        return dict(kernel=report.GEMM_KERNEL, config=config, error=None, main_loop=loop, violations=[])
+    rows = [gemm_row("a", 72), gemm_row("a", 86), gemm_row("a", 87), gemm_row("b", 500),
+            dict(gemm_row("a", 900), kernel="vit_kernels.kernels.attention._attention_fwd")]
+    report._check_gemm_main_loops(rows)
+    assert [bool(r["violations"]) for r in rows] == [False, False, True, False, False]
+    assert "over 1.2x" in rows[2]["violations"][0]
+
+
+_WAVES = """
+import json
+from vit_kernels.compile_report import launches, report
+scenario = [s for s in launches.scenarios() if s.name == report.WAVE_SCENARIO]
+print(json.dumps(report.waves(launches.record(scenario, ("bf16",)))))
+"""
+
+
+def test_weight_gradient_waves():
+    # ViT-B/16 training at batch 256 on 132 SMs: both weight gradients (768 x 3072 outputs, K = 50432
+    # tokens) are split until the last round of the persistent launch keeps >= 90% of the SMs busy.
+    # In a compiling process: the interpreter has its own tile and program count.
+    done = subprocess.run([sys.executable, "-c", _WAVES], env=_compiling_env(), cwd=ROOT, capture_output=True,
+                          text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-4000:]
+    rows = json.loads(done.stdout.strip().splitlines()[-1])
+    weight_grads = [w for w in rows if w["weight_grad"]]
+    assert {(w["M"], w["N"]) for w in weight_grads} == {(768, 3072), (3072, 768)}
+    for w in weight_grads:
+        assert w["split_k"] > 1 and w["programs"] == 132 and w["last_wave"] >= report.MIN_LAST_WAVE, w
+        assert not w["violations"]
+    # Unsplit, the 72 tiles of 128 x 256 would leave 60 of the 132 SMs idle.
+    assert [w["tiles"] // w["split_k"] for w in weight_grads] == [72] * len(weight_grads)
+
+
 def test_cli_refuses_the_interpreter(capsys):
     from vit_kernels.__main__ import main
     if not backend.interpreter_enabled():
