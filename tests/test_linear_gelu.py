@@ -2,12 +2,11 @@
 
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
 import vit_kernels as vk
 from vit_kernels import reference
 
-from .utils import DEVICE, LINEAR, Op, Sample, check, opcheck
+from .utils import DEVICE, LINEAR, ArgumentSpy, Op, Sample, check, opcheck
 
 
 ACTIVATIONS = ("none",) + reference.ACTIVATIONS
@@ -150,28 +149,15 @@ def test_empty_dimensions(M, K, N):
         torch.testing.assert_close(y, reference.activation(b.detach().expand(M, N), "gelu"))
 
 
-class _SavePreSpy(TorchDispatchMode):
-    """Records the save_pre argument of every linear_act call."""
-
-    def __init__(self):
-        super().__init__()
-        self.save_pre = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if func is torch.ops.vit_kernels.linear_act_fwd.default:
-            self.save_pre.append(args[4])
-        return func(*args, **(kwargs or {}))
-
-
 @pytest.mark.parametrize("recompute", [False, True])
 @pytest.mark.parametrize("grad_mode", ["train", "no_grad", "frozen"])
 def test_pre_activation_kept_only_for_a_backward(grad_mode, recompute):
     # Inference (no_grad, or nothing requiring grad) must not spend an (M, N) buffer on it.
     x, w, b = sample((5,), 32, 64, torch.float32, requires_grad=grad_mode == "train").tensors.values()
-    spy = _SavePreSpy()
+    spy = ArgumentSpy(torch.ops.vit_kernels.linear_act_fwd.default, 4)
     with vk.use_backend("triton"), torch.set_grad_enabled(grad_mode != "no_grad"), spy:
         vk.ops.linear_gelu(x, w, b, recompute=recompute)
-    assert spy.save_pre == [grad_mode == "train" and not recompute]
+    assert spy.values == [grad_mode == "train" and not recompute]
 
 
 def test_saved_pre_activation():

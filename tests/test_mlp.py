@@ -12,8 +12,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 import vit_kernels as vk
 from vit_kernels import backend, layers, reference
 
-from .utils import (DEVICE, MLP, Op, Sample, assert_within_pytorch_error, check, opcheck, poisoned_allocations,
-                    run)
+from .utils import (DEVICE, MLP, ArgumentSpy, Op, Sample, assert_within_pytorch_error, check, opcheck,
+                    poisoned_allocations, run)
 
 SHAPES = [  # (leading shape of x, C, H, C_out)
     ((3, 197), 100, 300, 100),  # 591 tokens: no tile multiple anywhere; C = 100 ends mid K-step
@@ -253,28 +253,15 @@ def test_records_the_launches_of_forward_and_backward():
         assert all(launch.kwargs["TMA"] for launch in launches)  # every operand a row-major view
 
 
-class _SaveSpy(TorchDispatchMode):
-    """Records the ``save`` argument of every mlp_fwd call."""
-
-    def __init__(self):
-        super().__init__()
-        self.save = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if func is torch.ops.vit_kernels.mlp_fwd.default:
-            self.save.append(args[6])
-        return func(*args, **(kwargs or {}))
-
-
 @pytest.mark.parametrize("recompute", [False, True])
 @pytest.mark.parametrize("grad_mode", ["train", "no_grad", "frozen"])
 def test_activations_kept_only_for_a_backward(grad_mode, recompute):
     # Inference (no_grad, or nothing requiring grad) must not spend two (M, H) buffers on them.
     x, w1, b1, w2, b2 = sample((5,), 32, 64, 32, torch.float32, requires_grad=grad_mode == "train").tensors.values()
-    spy = _SaveSpy()
+    spy = ArgumentSpy(torch.ops.vit_kernels.mlp_fwd.default, 6)
     with vk.use_backend("triton"), torch.set_grad_enabled(grad_mode != "no_grad"), spy:
         vk.ops.mlp(x, w1, b1, w2, b2, recompute=recompute)
-    assert spy.save == [grad_mode == "train" and not recompute]
+    assert spy.values == [grad_mode == "train" and not recompute]
 
 
 def test_saved_activations():

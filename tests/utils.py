@@ -352,3 +352,16 @@ QKV_ATTENTION = Op(_qkv_attention(vk.ops.qkv_attention), _qkv_attention(referenc
 # The kernel path is the default dispatch ("auto": the C++ op on the CPU), the reference the same
 # function under backend "torch" (it pads and checks as the op does).
 PATCH_EMBED = Op(vk.ops.patch_embed, vk.ops.patch_embed, backend="auto")
+
+
+class ArgumentSpy(TorchDispatchMode):
+    """Records argument ``index`` of every call of the custom op ``op`` (an OpOverload) made inside."""
+
+    def __init__(self, op, index: int):
+        super().__init__()
+        self.op, self.index, self.values = op, index, []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func is self.op:
+            self.values.append(args[self.index])
+        return func(*args, **(kwargs or {}))
