@@ -246,7 +246,7 @@ def test_records_the_launches_of_forward_and_backward():
         assert _value(dpre.kwargs["EPILOGUE"]) == 2 and dpre.kwargs["ACT"] == 1 and _true_flags(dpre) == {"COL_SUM"}
         for plain in (dw2, dx, dw1):
             assert plain.kwargs["ACT"] == 0 and _value(plain.kwargs["EPILOGUE"]) == 0, plain.kwargs
-            assert not _true_flags(plain) & {"HAS_BIAS", "STORE_PRE", "COL_SUM"}, plain.kwargs
+            assert _true_flags(plain) == set(), plain.kwargs
         # dW2 = dY^T h and dW1 = dPre^T x: (C_out, H) and (H, C) outputs with K = 197 tokens.
         assert dw2.args[6:9] == (64, 256, 197) and dw1.args[6:9] == (256, 64, 197)
         assert dx.args[6:9] == (197, 64, 256) and dpre.args[6:9] == (197, 256, 64)
@@ -257,7 +257,8 @@ def test_records_the_launches_of_forward_and_backward():
 @pytest.mark.parametrize("grad_mode", ["train", "no_grad", "frozen"])
 def test_activations_kept_only_for_a_backward(grad_mode, recompute):
     # Inference (no_grad, or nothing requiring grad) must not spend two (M, H) buffers on them.
-    x, w1, b1, w2, b2 = sample((5,), 32, 64, 32, torch.float32, requires_grad=grad_mode == "train").tensors.values()
+    # float16: float32 runs cuBLAS, not the op, on a GPU.
+    x, w1, b1, w2, b2 = sample((5,), 32, 64, 32, torch.float16, requires_grad=grad_mode == "train").tensors.values()
     spy = ArgumentSpy(torch.ops.vit_kernels.mlp_fwd.default, 6)
     with vk.use_backend("triton"), torch.set_grad_enabled(grad_mode != "no_grad"), spy:
         vk.ops.mlp(x, w1, b1, w2, b2, recompute=recompute)
