@@ -7,13 +7,12 @@ from functools import partial
 import pytest
 import torch
 from torch import nn
-from torch.utils._python_dispatch import TorchDispatchMode
 
 import vit_kernels as vk
 from vit_kernels import backend, layers, reference
 
-from .utils import (DEVICE, MLP, ArgumentSpy, Op, Sample, assert_within_pytorch_error, check, opcheck,
-                    poisoned_allocations, run)
+from .utils import (DEVICE, MLP, ArgumentSpy, CustomOpCalls, Op, Sample, assert_within_pytorch_error, check,
+                    opcheck, poisoned_allocations, run)
 
 SHAPES = [  # (leading shape of x, C, H, C_out)
     ((3, 197), 100, 300, 100),  # 591 tokens: no tile multiple anywhere; C = 100 ends mid K-step
@@ -36,19 +35,6 @@ def sample(lead, C, H, C_out, dtype, activation="gelu", fc1_bias=True, fc2_bias=
     tensors = dict(x=x, fc1_weight=w1, fc1_bias=b1, fc2_weight=w2, fc2_bias=b2)
     tensors = {n: t if t is None else t.to(dtype).requires_grad_(requires_grad) for n, t in tensors.items()}
     return Sample(tensors, dict(activation=activation, **kwargs))
-
-
-class _OpCalls(TorchDispatchMode):
-    """The names of the vit_kernels custom ops called inside, in order."""
-
-    def __init__(self):
-        super().__init__()
-        self.names = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if func.namespace == "vit_kernels":
-            self.names.append(func.__name__.split(".")[0])
-        return func(*args, **(kwargs or {}))
 
 
 def _value(flag):
@@ -427,7 +413,7 @@ def test_mlp_layer_matches_timm(case):
     for name, p in mlp.named_parameters():
         torch.testing.assert_close(p.grad, theirs[name].grad, msg=lambda m: f"{name}: {m}")
     # The kernel path (float16: float32 runs cuBLAS on a GPU): which ops run it.
-    with vk.use_backend("triton"), _OpCalls() as calls:
+    with vk.use_backend("triton"), CustomOpCalls() as calls:
         _same_draws(mlp.half(), x.half()).square().sum().backward()
     if fuses:
         assert calls.names == ["mlp_fwd", "mlp_bwd"], calls.names
@@ -468,7 +454,7 @@ def test_hook_on_fc1_fires_and_the_mlp_does_not_fuse():
     assert not mlp._fuses_whole()
     x = torch.randn(2, 37, 48, device=DEVICE)
     # float16 (float32 runs cuBLAS on a GPU), on a copy, which keeps the hook.
-    with vk.use_backend("triton"), _OpCalls() as calls:
+    with vk.use_backend("triton"), CustomOpCalls() as calls:
         copy.deepcopy(mlp).half()(x.half())
     assert seen == [(2, 37, 96)]
     # fc1 runs as itself (its hook sees its output), act as itself, fc2 as vk.ops.linear.

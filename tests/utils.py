@@ -257,7 +257,7 @@ def check(op: Op, *samples: Sample, small: str = "error") -> list:
     return results
 
 
-class _CustomOpCalls(TorchDispatchMode):
+class CustomOpCalls(TorchDispatchMode):
     """Records every call of a vit_kernels custom op with its arguments (below autograd: what the op
     itself receives). A call in the backward (once ``in_backward`` is set) gets its tensors
     detached, as autograd hands them to it: the backward ops have no derivatives of their own."""
@@ -265,6 +265,11 @@ class _CustomOpCalls(TorchDispatchMode):
     def __init__(self):
         super().__init__()
         self.calls, self.in_backward = [], False
+
+    @property
+    def names(self) -> list[str]:
+        """The ops called, in order, by name (``mlp_fwd``)."""
+        return [func.__name__.split(".")[0] for func, _, _ in self.calls]
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -283,7 +288,7 @@ def opcheck(op: Op, sample: Sample) -> list:
     ``sample``, in its forward and its backward, with the arguments it called it with. Returns the
     names of the ops checked (at least one)."""
     with vk.use_backend(op.backend), _autocast(sample):
-        with _CustomOpCalls() as spy:
+        with CustomOpCalls() as spy:
             _run(op.kernel, sample, False, None, before_backward=lambda: setattr(spy, "in_backward", True))
         assert spy.calls, "the kernel path called no vit_kernels op"
         for func, args, kwargs in spy.calls:

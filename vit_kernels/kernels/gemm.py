@@ -259,7 +259,7 @@ _INTERPRETER_PROGRAMS = 3
 # The tile of every split-K launch: the host chooses SPLIT_K (``split_k``) for it before the
 # autotuner runs, so those launches tune stages and warps only. 128 x 256: the tile with the
 # most FLOPs per byte loaded that does not spill without an activation in its epilogue.
-_SPLIT_TILE = (128, 256)
+_SPLIT_TILE = (128, 256, 64)
 # Persistent programs on a device without SMs to count: the compile report's H100 SXM.
 H100_SMS = 132
 
@@ -292,8 +292,8 @@ def _per_thread(config: triton.Config, rows: int, cols: int) -> int:
     return rows * cols // (32 * config.num_warps)
 
 
-def _tile_shape(config: triton.Config) -> tuple[int, int]:
-    return config.kwargs["BLOCK_M"], config.kwargs["BLOCK_N"]
+def _tile_shape(config: triton.Config) -> tuple[int, int, int]:
+    return config.kwargs["BLOCK_M"], config.kwargs["BLOCK_N"], config.kwargs["BLOCK_K"]
 
 
 def prune_gemm_configs(configs, named_args, **flags):
@@ -310,7 +310,7 @@ def prune_gemm_configs(configs, named_args, **flags):
     if flags["SPLIT_K"] > 1:
         return [c for c in configs if _tile_shape(c) == _SPLIT_TILE]
     if flags["ACT"]:
-        return [c for c in configs if _per_thread(c, *_tile_shape(c)) <= 64]
+        return [c for c in configs if _per_thread(c, *_tile_shape(c)[:2]) <= 64]
     return list(configs)
 
 
@@ -328,10 +328,9 @@ gemm = triton.autotune(
 MIN_BLOCK_M = min(config.kwargs["BLOCK_M"] for config in gemm.configs)
 
 
-def split_tile() -> tuple[int, int]:
-    """The (BLOCK_M, BLOCK_N) tile of split-K launches."""
-    return tuple(_INTERPRETER_CONFIG[k] for k in ("BLOCK_M", "BLOCK_N")) if backend.interpreter_enabled() \
-        else _SPLIT_TILE
+def split_tile() -> tuple[int, int, int]:
+    """The (BLOCK_M, BLOCK_N, BLOCK_K) tile of split-K launches."""
+    return _tile_shape(triton.Config(dict(_INTERPRETER_CONFIG))) if backend.interpreter_enabled() else _SPLIT_TILE
 
 
 def last_wave(tiles: int, programs: int) -> float:
@@ -348,8 +347,9 @@ def split_k(M: int, N: int, K: int, programs: int) -> int:
     (768 x 3072, 72 tiles of 128 x 256 on 132 SMs: 648 tiles in 5 full rounds instead of one
     round at 55%) add about 85 MB of traffic to a 240-GFLOP GEMM.
     """
-    output_tiles = tiles(M, N, 1, *split_tile())
-    k_steps = triton.cdiv(K, _INTERPRETER_CONFIG["BLOCK_K"] if backend.interpreter_enabled() else 64)
+    block_m, block_n, block_k = split_tile()
+    output_tiles = tiles(M, N, 1, block_m, block_n)
+    k_steps = triton.cdiv(K, block_k)
     candidates = [s for s in range(1, 17) if s == 1 or k_steps // s >= 8]
     enough = [s for s in candidates if last_wave(output_tiles * s, programs) >= 0.9]
     if enough:
