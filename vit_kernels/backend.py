@@ -174,7 +174,19 @@ def launcher(kernel):
     fn = kernel
     while not isinstance(fn, (JITFunction, InterpretedFunction)) and hasattr(fn, "fn"):
         fn = fn.fn  # an Autotuner or Heuristics around the jitted function
-    return kernel if isinstance(fn, InterpretedFunction) else wrap_triton(kernel)
+    if isinstance(fn, InterpretedFunction):
+        return kernel
+    # Device-side TMA descriptors (the GEMM's) live in global scratch memory that Triton asks its
+    # allocator for at launch. The allocator is a ContextVar, unset in every new thread: set it
+    # before each launch (cheap), from PyTorch's caching allocator. Compiled graphs bring their own.
+    import triton
+    triton.set_allocator(_scratch)
+    return wrap_triton(kernel)
+
+
+def _scratch(size: int, alignment: int, stream) -> torch.Tensor:
+    # The caching allocator's blocks are 512-byte aligned, more than TMA's 128.
+    return torch.empty(size, dtype=torch.int8, device="cuda")
 
 
 def kernel_op(name: str, fn: Optional[Callable] = None, *, schema: Optional[str] = None,
