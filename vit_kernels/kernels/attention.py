@@ -1,9 +1,8 @@
-"""Flash attention for ViT shapes: forward, backward (dK/dV and dQ), fused qk LayerNorm, dropout.
+"""Flash attention for ViT shapes: forward, one-launch backward, fused qk LayerNorm, dropout.
 
 q, k, v, o, dO, dq, dk, dv are (B, H, N, D) through their four strides, so the packed
-(B, N, 3, H, D) projection and a (B, N, H, D) output are plain views; lse and delta are
-(B * H, N) float32, contiguous. Every program owns one (batch * head, row block) pair: the large
-B * H product is grid axis 0 (axes 1 and 2 stop at 65,535).
+(B, N, 3, H, D) projection and a (B, N, H, D) output are plain views; lse is (B * H, N) float32,
+contiguous.
 
 Forward, per query row i, in base 2 so that exp2 replaces exp (``qk_scale = scale * log2(e)``):
     s_ij = qk_scale * q_i . k_j
@@ -14,10 +13,16 @@ Forward, per query row i, in base 2 so that exp2 replaces exp (``qk_scale = scal
 Backward, with pd_ij = p_ij z_ij / (1 - dropout_p):
     dv_j = sum_i pd_ij dO_i
     dp_ij = z_ij / (1 - dropout_p) * dO_i . v_j
-    delta_i = sum_j p_ij dp_ij = dO_i . o_i        (the preprocess kernel)
+    delta_i = sum_j p_ij dp_ij = dO_i . o_i
     ds_ij = p_ij (dp_ij - delta_i)                 softmax backward
     dq_i = scale * sum_j ds_ij k_j ;  dk_j = scale * sum_i ds_ij q_i
-p is recomputed from lse, never stored; no atomics, so the gradients are deterministic.
+p is recomputed from lse, never stored.
+
+Tiles. ViT lengths are one token past a power of two (197, 257, 577, 1025). A loop over tokens
+walks full blocks unmasked and then the rest in TAIL-token steps (16: the smallest wgmma N and
+K), so 197 keys cost 208, not 256. Only the wgmma N and K dimensions can shrink so: M is 64
+rows per warpgroup. So the forward tails its key loop (keys are N of q k^T and K of p v) and
+pads its query blocks; the backward does the opposite (see ``_attention_bwd``).
 
 Precision: statistics (m, l, lse, delta) and accumulators are float32 for every input dtype;
 dot operands stay in the input dtype (p and ds are cast to it). float32 dots run with
@@ -28,14 +33,12 @@ qk-norm: q and k rows can be LayerNorm-ed over D as each tile is loaded, y = xha
 xhat = (x - mean) * rstd. Its backward, with dy the gradient w.r.t. the normalised row:
     g = dy * w ;  c1 = mean_d(xhat * g) ;  c2 = mean_d(g)
     dx = rstd * (g - xhat * c1 - c2) ;  dw = sum_rows dy * xhat ;  db = sum_rows dy
-dw and db are written per (batch * head, row block) into float32 partial buffers of
-``partial_slots(N)`` slots of SLOT_ROWS rows, which the host sums (deterministically). A block
-of BLOCK rows covers BLOCK / SLOT_ROWS slots: it writes its sums into the first and zeros into
-the others, so every config writes every slot and none keeps a sum from an earlier launch (the
-autotuner runs every config on the same buffers).
+The backward program of a head sums dw and db over the head's rows and writes them once per
+head to NORM_GRADS (B * H, 2, 2, D) [head, q or k, dw or db]; the host sums over heads.
 
-Dropout: the keep mask is a pure function of (seed, batch * head, i, j) through Philox
-(``tl.rand`` on the 64-bit element index), so the backward regenerates it whatever the tiles.
+Dropout: the keep mask is a pure function of (seed, batch * head, i, j): one Philox call
+(``tl.randint4x``) on the counter of keys 4c .. 4c + 3 of row i gives their four draws, so the
+backward regenerates the forward's mask whatever the tiles (blocks start at multiples of 16).
 """
 from __future__ import annotations
 
@@ -44,13 +47,14 @@ import triton
 import triton.language as tl
 
 from .. import backend
+from .gemm import num_programs
 
 MIN_HEAD_DIM, MAX_HEAD_DIM = 16, 128
-# Rows per slot of the qk-norm partial buffers: the smallest backward block, which every
-# backward block is a multiple of.
-SLOT_ROWS = 64
-# Rows per program of the delta preprocess: a pure row-wise reduction, no tuning needed.
-DELTA_BLOCK_M = 64
+# Tokens per tail step: wgmma's N is a multiple of 8 and its K (for 16-bit operands) of 16.
+TAIL = 16
+# Backward programs per SM: each keeps one head's (D, N) float32 dq partial sum in a scratch
+# slot that stays in L2 (2 x 132 x 52 KB at N = 197, D = 64).
+BWD_PROGRAMS_PER_SM = 2
 
 
 def head_dim_block(head_dim: int) -> int:
@@ -61,73 +65,61 @@ def head_dim_block(head_dim: int) -> int:
     return triton.next_power_of_2(head_dim)
 
 
-def partial_slots(n: int) -> int:
-    return triton.cdiv(n, SLOT_ROWS)
+def tailed(n: int, block: int) -> int:
+    """Tokens a loop over n tokens computes: full blocks, then TAIL-token steps."""
+    return n // block * block + triton.cdiv(n % block, TAIL) * TAIL
+
+
+def padded(n: int, block: int) -> int:
+    """Tokens a blocked dimension of n tokens computes: whole blocks."""
+    return triton.cdiv(n, block) * block
+
+
+def scratch_rows(n: int) -> int:
+    return padded(n, TAIL)
+
+
+def backward_programs(heads: int, device) -> int:
+    """Persistent backward programs: at most BWD_PROGRAMS_PER_SM per SM, one per head at most."""
+    return min(heads, BWD_PROGRAMS_PER_SM * num_programs(device))
 
 
 def _configs(stage: str) -> list:
     """Tile configs for ``stage`` ("fwd" or "bwd"): one fixed config in the interpreter.
 
-    ViT lengths are 197, 257, 577 and 1025 tokens: one token past a power of two, so 64-key
-    blocks waste up to 20% at 197 and 32-key blocks about half that; the autotuner picks per N.
-    The backward's blocks are at least 64 rows: its dots with 32-row blocks compiled to
-    mma.sync (HMMA), not wgmma, in the sm_90 compile report. ``_prune`` drops, per launch,
-    the configs that spill for its flags.
+    Forward: BLOCK_M queries per program, BLOCK_N keys per full step. Backward: BLOCK_N keys per
+    block (the M of its dk, dv GEMMs: at least 64 per warpgroup, or the dots leave wgmma),
+    BLOCK_M queries per full inner step. ``_prune`` drops, per launch, the configs that spill
+    for its flags.
     """
     if backend.interpreter_enabled():
         # The interpreter costs per tile step, not per element: big tiles keep CI fast.
         return [triton.Config({"BLOCK_M": 64, "BLOCK_N": 64})]
     if stage == "fwd":
-        shapes = [(128, 64, 8, s) for s in (2, 3)] + [(128, 32, 4, s) for s in (2, 3)] + \
-            [(64, 64, 4, s) for s in (2, 3)] + [(64, 32, 4, s) for s in (2, 3)] + \
+        shapes = [(128, 64, 8, s) for s in (2, 3)] + [(64, 64, 4, s) for s in (2, 3)] + \
             [(128, 128, 8, s) for s in (2, 3)] + [(64, 128, 4, s) for s in (2, 3)]
     else:
-        # 128 x 64 unpipelined (one stage) is the only backward tile whose dK/dV kernel does
-        # not spill at head dim 80 (padded to 128).
-        shapes = [(64, 64, 4, s) for s in (2, 3)] + [(128, 64, 8, s) for s in (1, 2, 3)] + \
-            [(64, 128, 8, s) for s in (2, 3)]
+        shapes = [(64, 64, 4, s) for s in (1, 2)] + [(32, 64, 4, s) for s in (1, 2)] + \
+            [(64, 128, 8, s) for s in (1, 2)] + [(32, 128, 8, s) for s in (1, 2)]
     return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s) for m, n, w, s in shapes]
 
 
 def _prune(kernel: str):
-    """The early_config_prune of ``kernel`` ("fwd", "dkdv" or "dq"): the configs that compile
-    without spilling for a launch's flags, as the sm_90 compile report found them (bf16,
-    triton 3.6 and 3.8: benchmarks/results/static/). "heavy": dropout with a fused qk-norm;
-    "wide": head dim above 64 (padded to 128)."""
+    """The early_config_prune of ``kernel`` ("fwd" or "bwd"): the configs that compile without
+    spilling for a launch's flags, as the sm_90 compile report found them (bf16 and fp16,
+    triton 3.6 and 3.8: benchmarks/results/static/)."""
     def prune(configs, named_args, **flags):
         if len(configs) == 1:
             return configs  # the interpreter's
-        heavy = flags["DROPOUT"] and (flags["Q_NORM"] or flags["K_NORM"])
         wide = flags["BLOCK_D"] > 64
         kept = []
         for config in configs:
-            m, n, stages = config.kwargs["BLOCK_M"], config.kwargs["BLOCK_N"], config.num_stages
-            tile = (m, n, config.num_warps, stages)
+            m, n = config.kwargs["BLOCK_M"], config.kwargs["BLOCK_N"]
+            scores_per_thread = m * n // (32 * config.num_warps)
             if kernel == "fwd":
-                # More than 32 scores per thread spilled 24 to 616 bytes there (72 to 80 with
-                # dropout alone on triton 3.8).
-                keep = not (flags["DROPOUT"] or wide) or m * n // (32 * config.num_warps) <= 32
-            elif kernel == "dkdv":
-                if wide:
-                    keep = tile == (128, 64, 8, 1)
-                elif heavy:
-                    # At the 255-register limit in every tile: only 128 x 64 fits, and which
-                    # pipelining depth fits depends on the dtype (bf16 spilled 8 bytes unpipelined
-                    # on triton 3.8 and in 2 stages on 3.6; fp16 8 to 104 in 2 or 3 stages).
-                    keep = tile == ((128, 64, 8, 3) if named_args["Q"].dtype == torch.bfloat16
-                                    else (128, 64, 8, 1))
-                elif flags["DROPOUT"]:
-                    # 64 x 64 spilled 8 to 16 bytes on triton 3.8.
-                    keep = tile[:3] == (128, 64, 8) and stages > 1
-                else:
-                    keep = n <= 64 and stages > 1     # 128 keys per block spilled 32 to 1,576 bytes
+                keep = not (flags["DROPOUT"] or wide) or scores_per_thread <= 32
             else:
-                if heavy:
-                    # 3 stages spilled 32 bytes, 128 keys 304, 128 queries 8 to 24 (the qk-norm
-                    # slot zeroing tips it over the 255-register limit, triton 3.6).
-                    keep = tile == (64, 64, 4, 2)
-                else:
-                    keep = stages > 1 and (n <= 64 or not flags["DROPOUT"])   # dropout, 128 keys: 168
+                keep = not wide or m == 32
             if keep:
                 kept.append(config)
         return kept
@@ -136,7 +128,7 @@ def _prune(kernel: str):
 
 def _autotune(kernel: str):
     # Keyed on the exact N: a ViT runs a handful of fixed lengths, each tuned once.
-    return triton.autotune(configs=_configs("fwd" if kernel == "fwd" else "bwd"), key=["N", "HEAD_DIM", "Q_NORM", "K_NORM", "DROPOUT"],
+    return triton.autotune(configs=_configs(kernel), key=["N", "HEAD_DIM", "Q_NORM", "K_NORM", "DROPOUT"],
                            prune_configs_by=dict(early_config_prune=_prune(kernel)))
 
 
@@ -156,49 +148,33 @@ def _layer_norm_rows(x, W, B, offs_d, d_valid, HEAD_DIM: tl.constexpr, eps):
 
 
 @triton.jit
-def _layer_norm_rows_bwd(dy, xhat, rstd, rows_valid, W, PART, block, offs_d, d_valid, HEAD_DIM: tl.constexpr,
-                         BLOCK: tl.constexpr, SLOT_ROWS: tl.constexpr):
-    """dx of the LayerNorm for the fp32 row gradients dy; writes row block ``block``'s dw, db.
-
-    PART points at the (batch * head)'s first slot (``_zero_trailing_slots`` returns it); the
-    block's sums go to its first slot: dw at [0:D], db at [D:2D].
-    """
-    part = PART + block * (BLOCK // SLOT_ROWS) * 2 * HEAD_DIM
+def _layer_norm_rows_bwd(dy, xhat, rstd, rows_valid, W, offs_d, d_valid, dw, db, HEAD_DIM: tl.constexpr):
+    """(dx, dw, db): dx of the LayerNorm for the fp32 row gradients dy, and this tile's sums
+    added to the running dw, db of the norm's weight and bias."""
     w = tl.load(W + offs_d, mask=d_valid, other=0.0).to(tl.float32)
     # Padded rows hold xhat = 0 but may hold dy != 0: keep them out of dw and db.
     dy = tl.where(rows_valid[:, None], dy, 0.0)
-    tl.store(part + offs_d, tl.sum(dy * xhat, axis=0), mask=d_valid)
-    tl.store(part + HEAD_DIM + offs_d, tl.sum(dy, axis=0), mask=d_valid)
+    dw += tl.sum(dy * xhat, axis=0)
+    db += tl.sum(dy, axis=0)
     g = dy * w[None, :]
     c1 = tl.sum(xhat * g, axis=1) / HEAD_DIM
     c2 = tl.sum(g, axis=1) / HEAD_DIM
-    return rstd[:, None] * (g - xhat * c1[:, None] - c2[:, None])
+    return rstd[:, None] * (g - xhat * c1[:, None] - c2[:, None]), dw, db
 
 
 @triton.jit
-def _zero_trailing_slots(PART, pid_bh, block, num_slots, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
-                         BLOCK: tl.constexpr, SLOT_ROWS: tl.constexpr):
-    """Zeros in the slots after the first of row block ``block`` (see the module docstring).
+def _keep(seed, bh, offs_m, start_n, N, dropout_p, BLOCK_N: tl.constexpr):
+    """The dropout keep mask [len(offs_m), BLOCK_N] of keys [start_n, +BLOCK_N) (start_n % 4 == 0).
 
-    PART is the whole (B*H, num_slots, 2, HEAD_DIM) buffer; returns it moved to head pid_bh's first
-    slot. Called before the main loop, before the accumulators are live."""
-    tl.static_assert(BLOCK % SLOT_ROWS == 0)
-    PART += pid_bh.to(tl.int64) * num_slots * 2 * HEAD_DIM
-    offs = tl.arange(0, BLOCK_D)
-    zeros = tl.zeros([BLOCK_D], tl.float32)
-    for r in tl.static_range(1, BLOCK // SLOT_ROWS):
-        slot = block * (BLOCK // SLOT_ROWS) + r
-        ok = (offs < HEAD_DIM) & (slot < num_slots)
-        tl.store(PART + slot * 2 * HEAD_DIM + offs, zeros, mask=ok)
-        tl.store(PART + slot * 2 * HEAD_DIM + HEAD_DIM + offs, zeros, mask=ok)
-    return PART
-
-
-@triton.jit
-def _keep(seed, pid_bh, offs_m, offs_n, N, dropout_p):
-    """The dropout keep mask [BLOCK_M, BLOCK_N]: Philox on the element's 64-bit index in (B*H, N, N)."""
-    rows = pid_bh.to(tl.int64) * N + offs_m.to(tl.int64)
-    return tl.rand(seed, rows[:, None] * N + offs_n[None, :]) >= dropout_p
+    Counter c of row i (of head bh) covers keys 4c .. 4c + 3: one Philox call, four draws."""
+    groups = (N + 3) // 4
+    rows = (bh.to(tl.int64) * N + offs_m.to(tl.int64)) * groups
+    counters = rows[:, None] + (start_n // 4 + tl.arange(0, BLOCK_N // 4))[None, :]
+    r0, r1, r2, r3 = tl.randint4x(seed, counters)
+    draws = tl.reshape(tl.join(tl.join(r0, r1), tl.join(r2, r3)), [offs_m.shape[0], BLOCK_N])
+    # The top 24 bits as a uniform float in [0, 1): exact in float32.
+    uniform = (draws.to(tl.uint32, bitcast=True) >> 8).to(tl.float32) * (1.0 / 16777216.0)
+    return uniform >= dropout_p
 
 
 @triton.jit
@@ -230,94 +206,38 @@ def _load_normed_rows(base, offs, rows_valid, stride_n, stride_d, offs_d, d_vali
 
 
 @triton.jit
-def _key_rows(K, V, start, N, stride_kn, stride_kd, stride_vn, stride_vd, offs_d, d_valid,
-              K_NORM: tl.constexpr, KW, KB, k_eps, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr):
-    """Key rows [start, +BLOCK_N) of one head: (offs_n, n_valid, k, k_hat, k_rstd, v), k normed with K_NORM."""
-    offs_n = start + tl.arange(0, BLOCK_N)
-    n_valid = offs_n < N
-    k, k_hat, k_rstd = _load_normed_rows(K, offs_n, n_valid, stride_kn, stride_kd, offs_d, d_valid, K_NORM,
-                                         KW, KB, k_eps, HEAD_DIM)
-    v = _load_rows(V, offs_n, n_valid, stride_vn, stride_vd, offs_d, d_valid)
-    return offs_n, n_valid, k, k_hat, k_rstd, v
-
-
-@triton.jit
-def _query_rows(Q, DO, LSE, DELTA, start, N, stride_qn, stride_qd, stride_don, stride_dod, offs_d, d_valid,
-                Q_NORM: tl.constexpr, QW, QB, q_eps, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr):
-    """Query rows [start, +BLOCK_M) of one head for the backward:
-    (offs_m, m_valid, q, q_hat, q_rstd, dO, lse, delta), q normed with Q_NORM."""
-    offs_m = start + tl.arange(0, BLOCK_M)
-    m_valid = offs_m < N
-    q, q_hat, q_rstd = _load_normed_rows(Q, offs_m, m_valid, stride_qn, stride_qd, offs_d, d_valid, Q_NORM,
-                                         QW, QB, q_eps, HEAD_DIM)
-    do = _load_rows(DO, offs_m, m_valid, stride_don, stride_dod, offs_d, d_valid)
-    lse = tl.load(LSE + offs_m, mask=m_valid, other=0.0)
-    delta = tl.load(DELTA + offs_m, mask=m_valid, other=0.0)
-    return offs_m, m_valid, q, q_hat, q_rstd, do, lse, delta
-
-
-@triton.jit
-def _head_base(ptr, pid_bh, H, stride_b, stride_h):
+def _head_base(ptr, bh, H, stride_b, stride_h):
     # 64-bit: b * stride_b passes 2^31 for large batches of packed projections.
-    return ptr + (pid_bh // H).to(tl.int64) * stride_b + (pid_bh % H).to(tl.int64) * stride_h
+    return ptr + (bh // H).to(tl.int64) * stride_b + (bh % H).to(tl.int64) * stride_h
 
 
 @triton.jit
-def _program_heads(Q, K, V, X, H, stride_qb, stride_qh, stride_kb, stride_kh, stride_vb, stride_vh,
-                   stride_xb, stride_xh):
-    """(pid_bh, block, Q, K, V, X): this program's head (grid axis 0) and row block (axis 1), and
-    the pointers moved to that head (X: O in the forward, dO in the backward)."""
-    pid_bh = tl.program_id(0)
-    block = tl.program_id(1)
-    Q = _head_base(Q, pid_bh, H, stride_qb, stride_qh)
-    K = _head_base(K, pid_bh, H, stride_kb, stride_kh)
-    V = _head_base(V, pid_bh, H, stride_vb, stride_vh)
-    X = _head_base(X, pid_bh, H, stride_xb, stride_xh)
-    return pid_bh, block, Q, K, V, X
+def _fwd_step(q, K, V, start_n, N, stride_kn, stride_kd, stride_vn, stride_vd, offs_d, d_valid, m_i, l_i, acc,
+              seed, bh, offs_m, qk_scale, dropout_p, KW, KB, k_eps,
+              HEAD_DIM: tl.constexpr, K_NORM: tl.constexpr, DROPOUT: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+              BLOCK_N: tl.constexpr, MASKED: tl.constexpr):
+    """One online-softmax step over keys [start_n, +BLOCK_N): the new (m_i, l_i, acc).
 
-
-@triton.jit
-def _bwd_program(Q, K, V, DO, LSE, DELTA, H, N, stride_qb, stride_qh, stride_kb, stride_kh, stride_vb, stride_vh,
-                 stride_dob, stride_doh, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr):
-    """The set-up of both gradient kernels: ``_program_heads``, LSE and DELTA moved to the head's
-    row, and the head-dim lanes: (pid_bh, block, Q, K, V, DO, LSE, DELTA, offs_d, d_valid)."""
-    pid_bh, block, Q, K, V, DO = _program_heads(Q, K, V, DO, H, stride_qb, stride_qh, stride_kb, stride_kh,
-                                                stride_vb, stride_vh, stride_dob, stride_doh)
-    LSE += pid_bh.to(tl.int64) * N
-    DELTA += pid_bh.to(tl.int64) * N
-    offs_d = tl.arange(0, BLOCK_D)
-    return pid_bh, block, Q, K, V, DO, LSE, DELTA, offs_d, offs_d < HEAD_DIM
-
-
-@triton.jit
-def _bwd_probs(q, k, v, do, lse, offs_m, offs_n, m_valid, n_valid, seed, pid_bh, N, qk_scale, dropout_p,
-               DROPOUT: tl.constexpr, INPUT_PRECISION: tl.constexpr):
-    """(p, pd, dp) of a [BLOCK_M, BLOCK_N] tile: p recomputed from lse, pd = p z / (1 - dropout_p)
-    and dp = z / (1 - dropout_p) * dO v^T (see the module docstring)."""
+    MASKED: some of the keys lie past N (the tail steps); full blocks skip the -inf select."""
+    offs_n = start_n + tl.arange(0, BLOCK_N)
+    n_valid = offs_n < N
+    k = _load_normed_rows(K, offs_n, n_valid, stride_kn, stride_kd, offs_d, d_valid, K_NORM, KW, KB, k_eps,
+                          HEAD_DIM)[0]
+    v = _load_rows(V, offs_n, n_valid, stride_vn, stride_vd, offs_d, d_valid)
     s = tl.dot(q, tl.trans(k), input_precision=INPUT_PRECISION) * qk_scale
-    # Padded query rows and padded keys (whose normed k is the bias, not 0) get p = 0, so
-    # they reach no gradient and none of the norms' partial sums.
-    p = tl.where(m_valid[:, None] & n_valid[None, :], tl.exp2(s - lse[:, None]), 0.0)
-    dp = tl.dot(do, tl.trans(v), input_precision=INPUT_PRECISION)
+    if MASKED:
+        # Keys past N get -inf so exp2 gives them exactly zero weight. Every step has at least
+        # one real key, so the row max stays finite (no -inf - -inf).
+        s = tl.where(n_valid[None, :], s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, axis=1))
+    alpha = tl.exp2(m_i - m_new)
+    p = tl.exp2(s - m_new[:, None])
+    l_i = l_i * alpha + tl.sum(p, axis=1)
     if DROPOUT:
-        keep = _keep(seed, pid_bh, offs_m, offs_n, N, dropout_p)
-        pd = tl.where(keep, p / (1.0 - dropout_p), 0.0)
-        dp = tl.where(keep, dp / (1.0 - dropout_p), 0.0)
-    else:
-        pd = p
-    return p, pd, dp
-
-
-@triton.jit
-def _own_rows_grad(acc, scale, NORM: tl.constexpr, xhat, rstd, rows_valid, W, PART, block, offs_d, d_valid,
-                   HEAD_DIM: tl.constexpr, BLOCK: tl.constexpr, SLOT_ROWS: tl.constexpr):
-    """The gradient of the program's own rows (dk or dq) from its accumulator: scaled, and taken back
-    through the LayerNorm (its dw, db to PART) with NORM."""
-    acc *= scale
-    if NORM:
-        acc = _layer_norm_rows_bwd(acc, xhat, rstd, rows_valid, W, PART, block, offs_d, d_valid, HEAD_DIM,
-                                   BLOCK, SLOT_ROWS)
-    return acc
+        # The normaliser l keeps the dropped weights; 1 / (1 - p) is applied once at the end.
+        p = tl.where(_keep(seed, bh, offs_m, start_n, N, dropout_p, BLOCK_N), p, 0.0)
+    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=INPUT_PRECISION)
+    return m_new, l_i, acc
 
 
 @_autotune("fwd")
@@ -339,12 +259,18 @@ def _attention_fwd(
     Q_NORM: tl.constexpr, K_NORM: tl.constexpr, DROPOUT: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,  # of the dots: "ieee" or "tf32" (float32 inputs only)
     BLOCK_M: tl.constexpr,          # query rows per program
-    BLOCK_N: tl.constexpr,          # keys per loop step
+    BLOCK_N: tl.constexpr,          # keys per full step
 ):
-    """o and lse of query rows [pid_m * BLOCK_M, +BLOCK_M) of head pid_bh, looping over all keys."""
-    pid_bh, pid_m, Q, K, V, O = _program_heads(Q, K, V, O, H, stride_qb, stride_qh, stride_kb, stride_kh,
-                                               stride_vb, stride_vh, stride_ob, stride_oh)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    """o and lse of query rows [pid_m * BLOCK_M, +BLOCK_M) of head bh: full key blocks, then tails.
+
+    Grid (B * H, cdiv(N, BLOCK_M)): the large B * H product is axis 0 (axes 1 and 2 stop at 65,535).
+    """
+    bh = tl.program_id(0)
+    Q = _head_base(Q, bh, H, stride_qb, stride_qh)
+    K = _head_base(K, bh, H, stride_kb, stride_kh)
+    V = _head_base(V, bh, H, stride_vb, stride_vh)
+    O = _head_base(O, bh, H, stride_ob, stride_oh)
+    offs_m = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     m_valid = offs_m < N
     d_valid = offs_d < HEAD_DIM
@@ -357,155 +283,209 @@ def _attention_fwd(
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-    for start_n in range(0, N, BLOCK_N):
-        offs_n, n_valid, k, _, _, v = _key_rows(K, V, start_n, N, stride_kn, stride_kd, stride_vn, stride_vd,
-                                                offs_d, d_valid, K_NORM, KW, KB, k_eps, HEAD_DIM, BLOCK_N)
-        s = tl.dot(q, tl.trans(k), input_precision=INPUT_PRECISION) * qk_scale
-        # Tail keys past N get -inf so exp2 gives them exactly zero weight. Every block has at
-        # least one real key, so the row max stays finite (no -inf - -inf).
-        s = tl.where(n_valid[None, :], s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, axis=1))
-        alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(s - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(p, axis=1)
-        if DROPOUT:
-            # The normaliser l keeps the dropped weights; 1 / (1 - p) is applied once at the end.
-            p = tl.where(_keep(seed, pid_bh, offs_m, offs_n, N, dropout_p), p, 0.0)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=INPUT_PRECISION)
-        m_i = m_new
+    full_end = N // BLOCK_N * BLOCK_N
+    for start_n in range(0, full_end, BLOCK_N):
+        m_i, l_i, acc = _fwd_step(q, K, V, start_n, N, stride_kn, stride_kd, stride_vn, stride_vd, offs_d, d_valid,
+                                  m_i, l_i, acc, seed, bh, offs_m, qk_scale, dropout_p, KW, KB, k_eps,
+                                  HEAD_DIM, K_NORM, DROPOUT, INPUT_PRECISION, BLOCK_N, False)
+    for start_n in range(full_end, N, TAIL):
+        m_i, l_i, acc = _fwd_step(q, K, V, start_n, N, stride_kn, stride_kd, stride_vn, stride_vd, offs_d, d_valid,
+                                  m_i, l_i, acc, seed, bh, offs_m, qk_scale, dropout_p, KW, KB, k_eps,
+                                  HEAD_DIM, K_NORM, DROPOUT, INPUT_PRECISION, TAIL, True)
 
     if DROPOUT:
         acc = acc / (l_i * (1.0 - dropout_p))[:, None]
     else:
         acc = acc / l_i[:, None]
     _store_rows(O, acc, offs_m, m_valid, stride_on, stride_od, offs_d, d_valid)
-    tl.store(LSE + pid_bh.to(tl.int64) * N + offs_m, m_i + tl.log2(l_i), mask=m_valid)
+    tl.store(LSE + bh.to(tl.int64) * N + offs_m, m_i + tl.log2(l_i), mask=m_valid)
 
 
 @triton.jit
-def _attention_bwd_delta(
-    O, DO,                          # (B, H, N, D) forward output and its gradient
-    DELTA,                          # (B * H, N) fp32 out
+def _bwd_pair(k, v, dk, dv, q_dw, q_db, Q, DO, LSE, delta_rows, dqt_rows, DQ, start_n, start_m, N, rows,
+              stride_qn, stride_qd, stride_don, stride_dod, stride_dqn, stride_dqd,
+              offs_n, n_valid, offs_d, d_valid, seed, bh, scale, qk_scale, dropout_p, QW, QB, q_eps,
+              HEAD_DIM: tl.constexpr, Q_NORM: tl.constexpr, DROPOUT: tl.constexpr,
+              INPUT_PRECISION: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_Q: tl.constexpr, FINAL: tl.constexpr):
+    """The (key block, query step [start_m, +BLOCK_Q)) pair: dk, dv accumulate; dq^T of the step is
+    added to its partial sum in the scratch (kept there, or with FINAL finished into DQ).
+
+    Scores are transposed, s^T [BLOCK_N keys, BLOCK_Q queries], so that the query step is the
+    N (and K) of every GEMM and may be a TAIL: dv += pd^T dO, dk += ds^T q, dq^T = k^T ds^T.
+    Returns (dk, dv, q_dw, q_db): the q-norm's running dw, db are updated with FINAL.
+    """
+    offs_m = start_m + tl.arange(0, BLOCK_Q)
+    m_valid = offs_m < N
+    q, q_hat, q_rstd = _load_normed_rows(Q, offs_m, m_valid, stride_qn, stride_qd, offs_d, d_valid, Q_NORM,
+                                         QW, QB, q_eps, HEAD_DIM)
+    do = _load_rows(DO, offs_m, m_valid, stride_don, stride_dod, offs_d, d_valid)
+    lse = tl.load(LSE + offs_m, mask=m_valid, other=0.0)
+    delta = tl.load(delta_rows + offs_m, mask=m_valid, other=0.0)
+
+    st = tl.dot(k, tl.trans(q), input_precision=INPUT_PRECISION) * qk_scale
+    # Padded queries and padded keys (whose normed k is the bias, not 0) get p = 0, so they
+    # reach no gradient and none of the norms' sums.
+    pt = tl.where(n_valid[:, None] & m_valid[None, :], tl.exp2(st - lse[None, :]), 0.0)
+    dpt = tl.dot(v, tl.trans(do), input_precision=INPUT_PRECISION)
+    if DROPOUT:
+        keep = tl.trans(_keep(seed, bh, offs_m, start_n, N, dropout_p, BLOCK_N))
+        pdt = tl.where(keep, pt / (1.0 - dropout_p), 0.0)
+        dpt = tl.where(keep, dpt / (1.0 - dropout_p), 0.0)
+    else:
+        pdt = pt
+    dv += tl.dot(pdt.to(do.dtype), do, input_precision=INPUT_PRECISION)
+    dst = (pt * (dpt - delta[None, :])).to(q.dtype)
+    dk += tl.dot(dst, q, input_precision=INPUT_PRECISION)
+    dqt = tl.dot(tl.trans(k), dst, input_precision=INPUT_PRECISION)
+
+    # The first key block has no partial sum yet (the scratch holds another head's, or nothing).
+    dqt_ptrs = dqt_rows + offs_d[:, None] * rows + offs_m[None, :]
+    dqt += tl.load(dqt_ptrs, mask=(start_n > 0) & d_valid[:, None] & m_valid[None, :], other=0.0)
+    if FINAL:
+        dq = tl.trans(dqt) * scale
+        if Q_NORM:
+            dq, q_dw, q_db = _layer_norm_rows_bwd(dq, q_hat, q_rstd, m_valid, QW, offs_d, d_valid, q_dw, q_db,
+                                                  HEAD_DIM)
+        _store_rows(DQ, dq, offs_m, m_valid, stride_dqn, stride_dqd, offs_d, d_valid)
+    else:
+        tl.store(dqt_ptrs, dqt, mask=d_valid[:, None] & m_valid[None, :])
+    return dk, dv, q_dw, q_db
+
+
+@triton.jit
+def _bwd_key_block(Q, K, V, DO, LSE, delta_rows, dqt_rows, DQ, DK, DV, start_n, N, rows, k_dw, k_db,
+                   stride_qn, stride_qd, stride_kn, stride_kd, stride_vn, stride_vd, stride_don, stride_dod,
+                   stride_dqn, stride_dqd, stride_dkn, stride_dkd, stride_dvn, stride_dvd,
+                   offs_d, d_valid, seed, bh, scale, qk_scale, dropout_p, QW, QB, q_eps, KW, KB, k_eps,
+                   HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, Q_NORM: tl.constexpr, K_NORM: tl.constexpr,
+                   DROPOUT: tl.constexpr, INPUT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
+                   BLOCK_N: tl.constexpr, FINAL: tl.constexpr):
+    """dk, dv of keys [start_n, +BLOCK_N) over every query (full steps, then tails), stored.
+    Returns (k_dw, k_db, q_dw, q_db): the k-norm's running sums updated, and the q-norm's over
+    the head, summed with FINAL (the last key block, where dq is finished)."""
+    offs_n = start_n + tl.arange(0, BLOCK_N)
+    n_valid = offs_n < N
+    k, k_hat, k_rstd = _load_normed_rows(K, offs_n, n_valid, stride_kn, stride_kd, offs_d, d_valid, K_NORM,
+                                         KW, KB, k_eps, HEAD_DIM)
+    v = _load_rows(V, offs_n, n_valid, stride_vn, stride_vd, offs_d, d_valid)
+    dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+    q_dw = tl.zeros([BLOCK_D], tl.float32)
+    q_db = tl.zeros([BLOCK_D], tl.float32)
+    full_end = N // BLOCK_M * BLOCK_M
+    for start_m in range(0, full_end, BLOCK_M):
+        dk, dv, q_dw, q_db = _bwd_pair(k, v, dk, dv, q_dw, q_db, Q, DO, LSE, delta_rows, dqt_rows, DQ, start_n, start_m, N,
+                                   rows, stride_qn, stride_qd, stride_don, stride_dod, stride_dqn, stride_dqd,
+                                   offs_n, n_valid, offs_d, d_valid, seed, bh, scale, qk_scale, dropout_p,
+                                   QW, QB, q_eps, HEAD_DIM, Q_NORM, DROPOUT, INPUT_PRECISION, BLOCK_N, BLOCK_M,
+                                   FINAL)
+    for start_m in range(full_end, N, TAIL):
+        dk, dv, q_dw, q_db = _bwd_pair(k, v, dk, dv, q_dw, q_db, Q, DO, LSE, delta_rows, dqt_rows, DQ, start_n, start_m, N,
+                                   rows, stride_qn, stride_qd, stride_don, stride_dod, stride_dqn, stride_dqd,
+                                   offs_n, n_valid, offs_d, d_valid, seed, bh, scale, qk_scale, dropout_p,
+                                   QW, QB, q_eps, HEAD_DIM, Q_NORM, DROPOUT, INPUT_PRECISION, BLOCK_N, TAIL,
+                                   FINAL)
+    dk *= scale
+    if K_NORM:
+        dk, k_dw, k_db = _layer_norm_rows_bwd(dk, k_hat, k_rstd, n_valid, KW, offs_d, d_valid, k_dw, k_db, HEAD_DIM)
+    _store_rows(DK, dk, offs_n, n_valid, stride_dkn, stride_dkd, offs_d, d_valid)
+    _store_rows(DV, dv, offs_n, n_valid, stride_dvn, stride_dvd, offs_d, d_valid)
+    return k_dw, k_db, q_dw, q_db
+
+
+@_autotune("bwd")
+@triton.jit
+def _attention_bwd(
+    Q, K, V, O, DO,                 # (B, H, N, D): the forward's inputs and output, the output's gradient
+    LSE,                            # (B * H, N) fp32: the forward's lse
+    DQ, DK, DV,                     # (B, H, N, D) out
+    SEED, QW, QB, KW, KB,           # as in _attention_fwd
+    NORM_GRADS,                     # (B * H, 2, 2, D) fp32 out: per head, [q-norm, k-norm] x [dw, db]
+    SCRATCH,                        # (programs, (1 + BLOCK_D) * rows) fp32: per program, delta and dq^T
+    stride_qb, stride_qh, stride_qn, stride_qd,     # (batch, head, token, feature) strides of q, k, v,
+    stride_kb, stride_kh, stride_kn, stride_kd,     # o, dO, dq, dk, dv
+    stride_vb, stride_vh, stride_vn, stride_vd,
     stride_ob, stride_oh, stride_on, stride_od,
     stride_dob, stride_doh, stride_don, stride_dod,
-    H, N, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
-):
-    """delta = rowsum(dO * o) in fp32 for rows [pid_m * BLOCK_M, +BLOCK_M) of head pid_bh."""
-    pid_bh = tl.program_id(0)
-    offs_m = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, BLOCK_D)
-    m_valid = offs_m < N
-    d_valid = offs_d < HEAD_DIM
-    o = _load_rows(_head_base(O, pid_bh, H, stride_ob, stride_oh), offs_m, m_valid, stride_on, stride_od,
-                   offs_d, d_valid)
-    do = _load_rows(_head_base(DO, pid_bh, H, stride_dob, stride_doh), offs_m, m_valid, stride_don,
-                    stride_dod, offs_d, d_valid)
-    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), axis=1)
-    tl.store(DELTA + pid_bh.to(tl.int64) * N + offs_m, delta, mask=m_valid)
-
-
-@_autotune("dkdv")
-@triton.jit
-def _attention_bwd_dkdv(
-    Q, K, V, DO,                    # (B, H, N, D): the forward's inputs and the gradient of its output
-    LSE, DELTA,                     # (B * H, N) fp32: the forward's lse, _attention_bwd_delta's delta
-    DK, DV,                         # (B, H, N, D) out
-    SEED, QW, QB, KW, KB,           # as in _attention_fwd
-    KW_PART,                        # (B * H, num_slots, 2, D) fp32 out: the k-norm's (dw, db) partials
-    stride_qb, stride_qh, stride_qn, stride_qd,     # (batch, head, token, feature) strides of q, k, v,
-    stride_kb, stride_kh, stride_kn, stride_kd,     # dO, dk, dv
-    stride_vb, stride_vh, stride_vn, stride_vd,
-    stride_dob, stride_doh, stride_don, stride_dod,
+    stride_dqb, stride_dqh, stride_dqn, stride_dqd,
     stride_dkb, stride_dkh, stride_dkn, stride_dkd,
     stride_dvb, stride_dvh, stride_dvn, stride_dvd,
-    H, N, num_slots,                # heads, tokens, partial slots per head
+    BH, H, N,                       # batch * heads, heads, tokens
+    rows,                           # scratch_rows(N): N rounded up to TAIL
     scale, qk_scale,                # softmax scale; scale * log2(e)
     q_eps, k_eps, dropout_p,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, Q_NORM: tl.constexpr, K_NORM: tl.constexpr,
     DROPOUT: tl.constexpr, INPUT_PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr,          # queries per loop step
-    BLOCK_N: tl.constexpr,          # key rows per program
-    SLOT_ROWS: tl.constexpr,        # rows per partial slot
+    BLOCK_M: tl.constexpr,          # queries per full inner step
+    BLOCK_N: tl.constexpr,          # keys per block
 ):
-    """dk, dv of key rows [pid_n * BLOCK_N, +BLOCK_N) of head pid_bh, looping over all queries.
+    """dq, dk, dv (and the norms' dw, db) of whole heads: one launch, deterministic.
 
-    With K_NORM, dk is taken through the LayerNorm and this block's (dw, db) of the k-norm go to
-    KW_PART[pid_bh, pid_n * BLOCK_N // SLOT_ROWS].
+    Why this design: ViT heads are short (N <= 1025) and many (B * H in the thousands), so one
+    program owns a whole head and walks it alone, and nothing is ever reduced across programs:
+      1. delta_i = dO_i . o_i for every query, into the program's scratch slot;
+      2. for each key block j (in order): for each query step i: s^T, p^T, dp^T and ds^T once
+         for the pair; dk_j, dv_j accumulate in registers; dq_i^T's partial sum over the key
+         blocks so far is read from, and written back to, the scratch slot; the last key block
+         finishes dq_i (scale, q-norm backward) straight into DQ.
+    Each pair's scores are computed once (5 GEMMs per pair, not the 7 of a split dk/dv + dq
+    backward), delta costs no launch, every sum runs in a fixed order (no atomics: bitwise
+    deterministic), and each of q, k, v, o, dO is read from DRAM once: the program's re-reads
+    of a head's q and dO (one per key block) and its scratch slot (2 x 132 slots, 52 KB each
+    at N = 197, D = 64) stay in L2. Programs are persistent (``backward_programs``): the
+    scratch is per program, not per head. The price is parallelism: a head is one program, so
+    a long sequence with few heads (N = 4096, B * H = 4) leaves most SMs idle.
     """
-    pid_bh, pid_n, Q, K, V, DO, LSE, DELTA, offs_d, d_valid = _bwd_program(
-        Q, K, V, DO, LSE, DELTA, H, N, stride_qb, stride_qh, stride_kb, stride_kh, stride_vb, stride_vh,
-        stride_dob, stride_doh, HEAD_DIM, BLOCK_D)
-    offs_n, n_valid, k, k_hat, k_rstd, v = _key_rows(K, V, pid_n * BLOCK_N, N, stride_kn, stride_kd, stride_vn,
-                                                     stride_vd, offs_d, d_valid, K_NORM, KW, KB, k_eps, HEAD_DIM,
-                                                     BLOCK_N)
+    pid = tl.program_id(0)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_valid = offs_d < HEAD_DIM
+    delta_rows = SCRATCH + pid.to(tl.int64) * (1 + BLOCK_D) * rows
+    dqt_rows = delta_rows + rows
     seed = tl.load(SEED) if DROPOUT else 0
+    last_start = (N - 1) // BLOCK_N * BLOCK_N
+    for head in range(pid, BH, tl.num_programs(0)):
+        bh = tl.cast(head, tl.int64)  # a tensor in the interpreter too, and 64-bit for the offsets
+        q_ptr = _head_base(Q, bh, H, stride_qb, stride_qh)
+        k_ptr = _head_base(K, bh, H, stride_kb, stride_kh)
+        v_ptr = _head_base(V, bh, H, stride_vb, stride_vh)
+        do_ptr = _head_base(DO, bh, H, stride_dob, stride_doh)
+        lse_ptr = LSE + bh.to(tl.int64) * N
+        o_ptr = _head_base(O, bh, H, stride_ob, stride_oh)
+        for start_m in range(0, N, BLOCK_M):
+            offs_m = start_m + tl.arange(0, BLOCK_M)
+            m_valid = offs_m < N
+            o = _load_rows(o_ptr, offs_m, m_valid, stride_on, stride_od, offs_d, d_valid)
+            do = _load_rows(do_ptr, offs_m, m_valid, stride_don, stride_dod, offs_d, d_valid)
+            tl.store(delta_rows + offs_m, tl.sum(o.to(tl.float32) * do.to(tl.float32), axis=1), mask=m_valid)
+        # The scratch is written and read by different threads of the program.
+        tl.debug_barrier()
 
-    if K_NORM:
-        KW_PART = _zero_trailing_slots(KW_PART, pid_bh, pid_n, num_slots, HEAD_DIM, BLOCK_D, BLOCK_N, SLOT_ROWS)
-    dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
-    dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
-    for start_m in range(0, N, BLOCK_M):
-        offs_m, m_valid, q, _, _, do, lse, delta = _query_rows(Q, DO, LSE, DELTA, start_m, N, stride_qn, stride_qd,
-                                                               stride_don, stride_dod, offs_d, d_valid, Q_NORM,
-                                                               QW, QB, q_eps, HEAD_DIM, BLOCK_M)
-        p, pd, dp = _bwd_probs(q, k, v, do, lse, offs_m, offs_n, m_valid, n_valid, seed, pid_bh, N, qk_scale,
-                               dropout_p, DROPOUT, INPUT_PRECISION)
-        dv += tl.dot(tl.trans(pd.to(do.dtype)), do, input_precision=INPUT_PRECISION)
-        ds = p * (dp - delta[:, None])
-        dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=INPUT_PRECISION)
-
-    dk = _own_rows_grad(dk, scale, K_NORM, k_hat, k_rstd, n_valid, KW, KW_PART, pid_n, offs_d, d_valid, HEAD_DIM,
-                        BLOCK_N, SLOT_ROWS)
-    _store_rows(_head_base(DK, pid_bh, H, stride_dkb, stride_dkh), dk, offs_n, n_valid, stride_dkn, stride_dkd,
-                offs_d, d_valid)
-    _store_rows(_head_base(DV, pid_bh, H, stride_dvb, stride_dvh), dv, offs_n, n_valid, stride_dvn, stride_dvd,
-                offs_d, d_valid)
-
-
-@_autotune("dq")
-@triton.jit
-def _attention_bwd_dq(
-    Q, K, V, DO, LSE, DELTA,        # as in _attention_bwd_dkdv
-    DQ,                             # (B, H, N, D) out
-    SEED, QW, QB, KW, KB,           # as in _attention_fwd
-    QW_PART,                        # as KW_PART in _attention_bwd_dkdv, for the q-norm
-    stride_qb, stride_qh, stride_qn, stride_qd,
-    stride_kb, stride_kh, stride_kn, stride_kd,
-    stride_vb, stride_vh, stride_vn, stride_vd,
-    stride_dob, stride_doh, stride_don, stride_dod,
-    stride_dqb, stride_dqh, stride_dqn, stride_dqd,
-    H, N, num_slots, scale, qk_scale, q_eps, k_eps, dropout_p,
-    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, Q_NORM: tl.constexpr, K_NORM: tl.constexpr,
-    DROPOUT: tl.constexpr, INPUT_PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr,          # query rows per program
-    BLOCK_N: tl.constexpr,          # keys per loop step
-    SLOT_ROWS: tl.constexpr,
-):
-    """dq of query rows [pid_m * BLOCK_M, +BLOCK_M) of head pid_bh, looping over all keys.
-
-    With Q_NORM, dq is taken through the LayerNorm and this block's (dw, db) of the q-norm go to
-    QW_PART[pid_bh, pid_m * BLOCK_M // SLOT_ROWS].
-    """
-    pid_bh, pid_m, Q, K, V, DO, LSE, DELTA, offs_d, d_valid = _bwd_program(
-        Q, K, V, DO, LSE, DELTA, H, N, stride_qb, stride_qh, stride_kb, stride_kh, stride_vb, stride_vh,
-        stride_dob, stride_doh, HEAD_DIM, BLOCK_D)
-    offs_m, m_valid, q, q_hat, q_rstd, do, lse, delta = _query_rows(
-        Q, DO, LSE, DELTA, pid_m * BLOCK_M, N, stride_qn, stride_qd, stride_don, stride_dod, offs_d, d_valid,
-        Q_NORM, QW, QB, q_eps, HEAD_DIM, BLOCK_M)
-    seed = tl.load(SEED) if DROPOUT else 0
-
-    if Q_NORM:
-        QW_PART = _zero_trailing_slots(QW_PART, pid_bh, pid_m, num_slots, HEAD_DIM, BLOCK_D, BLOCK_M, SLOT_ROWS)
-    dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-    for start_n in range(0, N, BLOCK_N):
-        offs_n, n_valid, k, _, _, v = _key_rows(K, V, start_n, N, stride_kn, stride_kd, stride_vn, stride_vd,
-                                                offs_d, d_valid, K_NORM, KW, KB, k_eps, HEAD_DIM, BLOCK_N)
-        p, _, dp = _bwd_probs(q, k, v, do, lse, offs_m, offs_n, m_valid, n_valid, seed, pid_bh, N, qk_scale,
-                              dropout_p, DROPOUT, INPUT_PRECISION)
-        ds = p * (dp - delta[:, None])
-        dq += tl.dot(ds.to(k.dtype), k, input_precision=INPUT_PRECISION)
-
-    dq = _own_rows_grad(dq, scale, Q_NORM, q_hat, q_rstd, m_valid, QW, QW_PART, pid_m, offs_d, d_valid, HEAD_DIM,
-                        BLOCK_M, SLOT_ROWS)
-    _store_rows(_head_base(DQ, pid_bh, H, stride_dqb, stride_dqh), dq, offs_m, m_valid, stride_dqn, stride_dqd,
-                offs_d, d_valid)
+        dq_ptr = _head_base(DQ, bh, H, stride_dqb, stride_dqh)
+        dk_ptr = _head_base(DK, bh, H, stride_dkb, stride_dkh)
+        dv_ptr = _head_base(DV, bh, H, stride_dvb, stride_dvh)
+        k_dw = tl.zeros([BLOCK_D], tl.float32)
+        k_db = tl.zeros([BLOCK_D], tl.float32)
+        for start_n in range(0, last_start, BLOCK_N):
+            k_dw, k_db, _, _ = _bwd_key_block(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_rows, dqt_rows, dq_ptr, dk_ptr,
+                                       dv_ptr, start_n, N, rows, k_dw, k_db, stride_qn, stride_qd, stride_kn, stride_kd,
+                                       stride_vn, stride_vd, stride_don, stride_dod, stride_dqn, stride_dqd,
+                                       stride_dkn, stride_dkd, stride_dvn, stride_dvd, offs_d, d_valid, seed, bh,
+                                       scale, qk_scale, dropout_p, QW, QB, q_eps, KW, KB, k_eps, HEAD_DIM,
+                                       BLOCK_D, Q_NORM, K_NORM, DROPOUT, INPUT_PRECISION, BLOCK_M, BLOCK_N, False)
+            tl.debug_barrier()
+        k_dw, k_db, q_dw, q_db = _bwd_key_block(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_rows, dqt_rows, dq_ptr, dk_ptr,
+                                        dv_ptr, last_start, N, rows, k_dw, k_db, stride_qn, stride_qd, stride_kn,
+                                        stride_kd, stride_vn, stride_vd, stride_don, stride_dod, stride_dqn,
+                                        stride_dqd, stride_dkn, stride_dkd, stride_dvn, stride_dvd, offs_d, d_valid,
+                                        seed, bh, scale, qk_scale, dropout_p, QW, QB, q_eps, KW, KB, k_eps,
+                                        HEAD_DIM, BLOCK_D, Q_NORM, K_NORM, DROPOUT, INPUT_PRECISION, BLOCK_M,
+                                        BLOCK_N, True)
+        grads = NORM_GRADS + bh.to(tl.int64) * 4 * HEAD_DIM + offs_d
+        if Q_NORM:
+            tl.store(grads, q_dw, mask=d_valid)
+            tl.store(grads + HEAD_DIM, q_db, mask=d_valid)
+        if K_NORM:
+            tl.store(grads + 2 * HEAD_DIM, k_dw, mask=d_valid)
+            tl.store(grads + 3 * HEAD_DIM, k_db, mask=d_valid)
+        # The next head's delta overwrites the scratch this head's last block read.
+        tl.debug_barrier()

@@ -53,26 +53,21 @@ def _launch_fwd(q, k, v, o, lse, seed, scale, dropout_p, norms):
 
 
 def _launch_bwd(do, q, k, v, o, lse, dq, dk, dv, seed, scale, dropout_p, norms):
-    """Fills dq, dk, dv; returns the float32 (dw, db) sums of the q- and k-norm (zeros without)."""
+    """Fills dq, dk, dv; returns the float32 (dw, db) sums of the q- and k-norm, each (2, D)."""
     B, H, N, D = q.shape
     (qw, qb, q_eps), (kw, kb, k_eps) = norms
     consts = _constants(q, norms, dropout_p)
-    delta = lse.new_empty(B * H, N)
-    backend.launcher(kernels._attention_bwd_delta)[(B * H, triton.cdiv(N, kernels.DELTA_BLOCK_M))](
-        o, do, delta, *o.stride(), *do.stride(), H, N,
-        HEAD_DIM=D, BLOCK_D=consts["BLOCK_D"], BLOCK_M=kernels.DELTA_BLOCK_M)
-    # (dw, db) partial sums per slot of kernels.SLOT_ROWS rows; every config writes every slot.
-    slots = kernels.partial_slots(N)
-    q_part, k_part = (lse.new_empty((B * H, slots, 2, D) if w is not None else (0, 0, 2, D)) for w in (qw, kw))
-    common = (H, N, slots, scale, scale * LOG2E, q_eps, k_eps, dropout_p)
-    consts = dict(consts, SLOT_ROWS=kernels.SLOT_ROWS)
-    backend.launcher(kernels._attention_bwd_dkdv)[lambda meta: (B * H, triton.cdiv(N, meta["BLOCK_N"]))](
-        q, k, v, do, lse, delta, dk, dv, seed, qw, qb, kw, kb, k_part,
-        *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dk.stride(), *dv.stride(), *common, **consts)
-    backend.launcher(kernels._attention_bwd_dq)[lambda meta: (B * H, triton.cdiv(N, meta["BLOCK_M"]))](
-        q, k, v, do, lse, delta, dq, seed, qw, qb, kw, kb, q_part,
-        *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dq.stride(), *common, **consts)
-    return q_part.sum(dim=(0, 1)), k_part.sum(dim=(0, 1))
+    programs = kernels.backward_programs(B * H, q.device)
+    rows = kernels.scratch_rows(N)
+    # Per program: delta and the (D, N) float32 partial sum of dq^T (see _attention_bwd).
+    scratch = lse.new_empty(programs, (1 + consts["BLOCK_D"]) * rows)
+    # Per head: [q-norm, k-norm] x [dw, db]; the kernel writes those of the norms that exist.
+    norm_grads = lse.new_zeros((B * H, 2, 2, D) if qw is not None or kw is not None else (1, 2, 2, D))
+    backend.launcher(kernels._attention_bwd)[(programs,)](
+        q, k, v, o, do, lse, dq, dk, dv, seed, qw, qb, kw, kb, norm_grads, scratch,
+        *q.stride(), *k.stride(), *v.stride(), *o.stride(), *do.stride(), *dq.stride(), *dk.stride(), *dv.stride(),
+        B * H, H, N, rows, scale, scale * LOG2E, q_eps, k_eps, dropout_p, **consts)
+    return norm_grads[:, 0].sum(dim=0), norm_grads[:, 1].sum(dim=0)
 
 
 def _heads(packed: Tensor, num_heads: int) -> Tensor:
