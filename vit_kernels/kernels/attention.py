@@ -51,7 +51,7 @@ from .gemm import num_programs
 
 MIN_HEAD_DIM, MAX_HEAD_DIM = 16, 128
 # Tokens per tail step: wgmma's N is a multiple of 8 and its K (for 16-bit operands) of 16.
-TAIL = 16
+TAIL = tl.constexpr(16)
 # Backward programs per SM: each keeps one head's (D, N) float32 dq partial sum in a scratch
 # slot that stays in L2 (2 x 132 x 52 KB at N = 197, D = 64).
 BWD_PROGRAMS_PER_SM = 2
@@ -67,7 +67,7 @@ def head_dim_block(head_dim: int) -> int:
 
 def tailed(n: int, block: int) -> int:
     """Tokens a loop over n tokens computes: full blocks, then TAIL-token steps."""
-    return n // block * block + triton.cdiv(n % block, TAIL) * TAIL
+    return n // block * block + triton.cdiv(n % block, TAIL.value) * TAIL.value
 
 
 def padded(n: int, block: int) -> int:
@@ -76,7 +76,7 @@ def padded(n: int, block: int) -> int:
 
 
 def scratch_rows(n: int) -> int:
-    return padded(n, TAIL)
+    return padded(n, TAIL.value)
 
 
 def backward_programs(heads: int, device) -> int:
@@ -88,9 +88,9 @@ def _configs(stage: str) -> list:
     """Tile configs for ``stage`` ("fwd" or "bwd"): one fixed config in the interpreter.
 
     Forward: BLOCK_M queries per program, BLOCK_N keys per full step. Backward: BLOCK_N keys per
-    block (the M of its dk, dv GEMMs: at least 64 per warpgroup, or the dots leave wgmma),
-    BLOCK_M queries per full inner step. ``_prune`` drops, per launch, the configs that spill
-    for its flags.
+    block (the M of its dk, dv GEMMs: 64 per warpgroup, or the dots leave wgmma), BLOCK_M
+    queries per full inner step. ``_prune`` drops, per launch, the configs that spill for its
+    flags (the sm_90 compile report, bf16 and fp16, triton 3.6 and 3.8: benchmarks/results/static/).
     """
     if backend.interpreter_enabled():
         # The interpreter costs per tile step, not per element: big tiles keep CI fast.
@@ -99,27 +99,28 @@ def _configs(stage: str) -> list:
         shapes = [(128, 64, 8, s) for s in (2, 3)] + [(64, 64, 4, s) for s in (2, 3)] + \
             [(128, 128, 8, s) for s in (2, 3)] + [(64, 128, 4, s) for s in (2, 3)]
     else:
-        shapes = [(64, 64, 4, s) for s in (1, 2)] + [(32, 64, 4, s) for s in (1, 2)] + \
-            [(64, 128, 8, s) for s in (1, 2)] + [(32, 128, 8, s) for s in (1, 2)]
+        # 16 queries per step: with 32 every backward spilled (24 to 1,120 bytes), the dk, dv
+        # accumulators, the dq^T partial and the transposed scores overflowing 255 registers.
+        shapes = [(16, 64, 4, s) for s in (1, 2)]
     return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s) for m, n, w, s in shapes]
 
 
 def _prune(kernel: str):
     """The early_config_prune of ``kernel`` ("fwd" or "bwd"): the configs that compile without
-    spilling for a launch's flags, as the sm_90 compile report found them (bf16 and fp16,
-    triton 3.6 and 3.8: benchmarks/results/static/)."""
+    spilling for a launch's flags."""
     def prune(configs, named_args, **flags):
         if len(configs) == 1:
             return configs  # the interpreter's
         wide = flags["BLOCK_D"] > 64
+        plain = not (flags["DROPOUT"] or flags["Q_NORM"] or flags["K_NORM"] or wide)
         kept = []
         for config in configs:
             m, n = config.kwargs["BLOCK_M"], config.kwargs["BLOCK_N"]
-            scores_per_thread = m * n // (32 * config.num_warps)
             if kernel == "fwd":
-                keep = not (flags["DROPOUT"] or wide) or scores_per_thread <= 32
+                # More than 32 scores per thread spilled with dropout or 128 lanes.
+                keep = not (flags["DROPOUT"] or wide) or m * n // (32 * config.num_warps) <= 32
             else:
-                keep = not wide or m == 32
+                keep = config.num_stages == 1 or plain   # pipelined, all but the plain one spilled
             if keep:
                 kept.append(config)
         return kept
@@ -179,13 +180,15 @@ def _keep(seed, bh, offs_m, start_n, N, dropout_p, BLOCK_N: tl.constexpr):
 
 @triton.jit
 def _load_rows(base, offs, rows_valid, stride_n, stride_d, offs_d, d_valid):
-    ptrs = base + offs.to(tl.int64)[:, None] * stride_n + offs_d[None, :] * stride_d
+    # 32-bit offsets within a head (the host checks that they fit): 64-bit ones would double
+    # the registers of every hoisted address tensor.
+    ptrs = base + (offs[:, None] * stride_n + offs_d[None, :] * stride_d)
     return tl.load(ptrs, mask=rows_valid[:, None] & d_valid[None, :], other=0.0)
 
 
 @triton.jit
 def _store_rows(base, x, offs, rows_valid, stride_n, stride_d, offs_d, d_valid):
-    ptrs = base + offs.to(tl.int64)[:, None] * stride_n + offs_d[None, :] * stride_d
+    ptrs = base + (offs[:, None] * stride_n + offs_d[None, :] * stride_d)
     tl.store(ptrs, x.to(base.dtype.element_ty), mask=rows_valid[:, None] & d_valid[None, :])
 
 
@@ -302,95 +305,113 @@ def _attention_fwd(
 
 
 @triton.jit
-def _bwd_pair(k, v, dk, dv, q_dw, q_db, Q, DO, LSE, delta_rows, dqt_rows, DQ, start_n, start_m, N, rows,
-              stride_qn, stride_qd, stride_don, stride_dod, stride_dqn, stride_dqd,
-              offs_n, n_valid, offs_d, d_valid, seed, bh, scale, qk_scale, dropout_p, QW, QB, q_eps,
-              HEAD_DIM: tl.constexpr, Q_NORM: tl.constexpr, DROPOUT: tl.constexpr,
-              INPUT_PRECISION: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_Q: tl.constexpr, FINAL: tl.constexpr):
-    """The (key block, query step [start_m, +BLOCK_Q)) pair: dk, dv accumulate; dq^T of the step is
-    added to its partial sum in the scratch (kept there, or with FINAL finished into DQ).
+def _bwd_pair(k, v, dk, dv, Q, DO, LSE, delta_rows, dqt_rows, start_n, start_m, N, rows,
+              stride_qn, stride_qd, stride_don, stride_dod, n_valid, offs_d, d_valid, seed, bh, qk_scale, dropout_p,
+              DROPOUT: tl.constexpr, INPUT_PRECISION: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_Q: tl.constexpr,
+              DV: tl.constexpr, DKDQ: tl.constexpr):
+    """The (key block, query step [start_m, +BLOCK_Q)) pair: with DV, dv accumulated; with DKDQ,
+    dk accumulated and the step's dq^T / scale added to its partial sum in the scratch.
+    Returns (dk, dv). q is read as it enters the dots (normalised already with a q-norm).
 
     Scores are transposed, s^T [BLOCK_N keys, BLOCK_Q queries], so that the query step is the
     N (and K) of every GEMM and may be a TAIL: dv += pd^T dO, dk += ds^T q, dq^T = k^T ds^T.
-    Returns (dk, dv, q_dw, q_db): the q-norm's running dw, db are updated with FINAL.
     """
     offs_m = start_m + tl.arange(0, BLOCK_Q)
     m_valid = offs_m < N
-    q, q_hat, q_rstd = _load_normed_rows(Q, offs_m, m_valid, stride_qn, stride_qd, offs_d, d_valid, Q_NORM,
-                                         QW, QB, q_eps, HEAD_DIM)
+    q = _load_rows(Q, offs_m, m_valid, stride_qn, stride_qd, offs_d, d_valid)
     do = _load_rows(DO, offs_m, m_valid, stride_don, stride_dod, offs_d, d_valid)
     lse = tl.load(LSE + offs_m, mask=m_valid, other=0.0)
-    delta = tl.load(delta_rows + offs_m, mask=m_valid, other=0.0)
 
     st = tl.dot(k, tl.trans(q), input_precision=INPUT_PRECISION) * qk_scale
     # Padded queries and padded keys (whose normed k is the bias, not 0) get p = 0, so they
     # reach no gradient and none of the norms' sums.
     pt = tl.where(n_valid[:, None] & m_valid[None, :], tl.exp2(st - lse[None, :]), 0.0)
-    dpt = tl.dot(v, tl.trans(do), input_precision=INPUT_PRECISION)
     if DROPOUT:
         keep = tl.trans(_keep(seed, bh, offs_m, start_n, N, dropout_p, BLOCK_N))
-        pdt = tl.where(keep, pt / (1.0 - dropout_p), 0.0)
-        dpt = tl.where(keep, dpt / (1.0 - dropout_p), 0.0)
-    else:
+    if DV:
         pdt = pt
-    dv += tl.dot(pdt.to(do.dtype), do, input_precision=INPUT_PRECISION)
-    dst = (pt * (dpt - delta[None, :])).to(q.dtype)
-    dk += tl.dot(dst, q, input_precision=INPUT_PRECISION)
-    dqt = tl.dot(tl.trans(k), dst, input_precision=INPUT_PRECISION)
-
-    # The first key block has no partial sum yet (the scratch holds another head's, or nothing).
-    dqt_ptrs = dqt_rows + offs_d[:, None] * rows + offs_m[None, :]
-    dqt += tl.load(dqt_ptrs, mask=(start_n > 0) & d_valid[:, None] & m_valid[None, :], other=0.0)
-    if FINAL:
-        dq = tl.trans(dqt) * scale
-        if Q_NORM:
-            dq, q_dw, q_db = _layer_norm_rows_bwd(dq, q_hat, q_rstd, m_valid, QW, offs_d, d_valid, q_dw, q_db,
-                                                  HEAD_DIM)
-        _store_rows(DQ, dq, offs_m, m_valid, stride_dqn, stride_dqd, offs_d, d_valid)
-    else:
+        if DROPOUT:
+            pdt = tl.where(keep, pt / (1.0 - dropout_p), 0.0)
+        dv += tl.dot(pdt.to(do.dtype), do, input_precision=INPUT_PRECISION)
+    if DKDQ:
+        delta = tl.load(delta_rows + offs_m, mask=m_valid, other=0.0)
+        dpt = tl.dot(v, tl.trans(do), input_precision=INPUT_PRECISION)
+        if DROPOUT:
+            dpt = tl.where(keep, dpt / (1.0 - dropout_p), 0.0)
+        dst = (pt * (dpt - delta[None, :])).to(q.dtype)
+        dk += tl.dot(dst, q, input_precision=INPUT_PRECISION)
+        dqt = tl.dot(tl.trans(k), dst, input_precision=INPUT_PRECISION)
+        # The first key block has no partial sum yet (the scratch holds another head's, or nothing).
+        dqt_ptrs = dqt_rows + offs_d[:, None] * rows + offs_m[None, :]
+        dqt += tl.load(dqt_ptrs, mask=(start_n > 0) & d_valid[:, None] & m_valid[None, :], other=0.0)
         tl.store(dqt_ptrs, dqt, mask=d_valid[:, None] & m_valid[None, :])
-    return dk, dv, q_dw, q_db
+    return dk, dv
 
 
 @triton.jit
-def _bwd_key_block(Q, K, V, DO, LSE, delta_rows, dqt_rows, DQ, DK, DV, start_n, N, rows, k_dw, k_db,
+def _bwd_queries(k, v, dk, dv, Q, DO, LSE, delta_rows, dqt_rows, start_n, N, rows, stride_qn, stride_qd,
+                 stride_don, stride_dod, n_valid, offs_d, d_valid, seed, bh, qk_scale, dropout_p,
+                 DROPOUT: tl.constexpr, INPUT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                 DV: tl.constexpr, DKDQ: tl.constexpr):
+    """``_bwd_pair`` over every query: full BLOCK_M steps, then TAIL steps. Returns (dk, dv)."""
+    # TAIL-sized full steps run to N (the pair masks anyway): one loop, not two.
+    full_end = N
+    if BLOCK_M > TAIL:
+        full_end = N // BLOCK_M * BLOCK_M
+    for start_m in range(0, full_end, BLOCK_M):
+        dk, dv = _bwd_pair(k, v, dk, dv, Q, DO, LSE, delta_rows, dqt_rows, start_n, start_m, N, rows, stride_qn,
+                           stride_qd, stride_don, stride_dod, n_valid, offs_d, d_valid, seed, bh, qk_scale, dropout_p,
+                           DROPOUT, INPUT_PRECISION, BLOCK_N, BLOCK_M, DV, DKDQ)
+    if BLOCK_M > TAIL:
+        for start_m in range(full_end, N, TAIL):
+            dk, dv = _bwd_pair(k, v, dk, dv, Q, DO, LSE, delta_rows, dqt_rows, start_n, start_m, N, rows,
+                               stride_qn, stride_qd, stride_don, stride_dod, n_valid, offs_d, d_valid, seed, bh,
+                               qk_scale, dropout_p, DROPOUT, INPUT_PRECISION, BLOCK_N, TAIL, DV, DKDQ)
+    return dk, dv
+
+
+@triton.jit
+def _bwd_key_block(Q, K, V, DO, LSE, delta_rows, dqt_rows, DK, DV, start_n, N, rows, k_dw, k_db,
                    stride_qn, stride_qd, stride_kn, stride_kd, stride_vn, stride_vd, stride_don, stride_dod,
-                   stride_dqn, stride_dqd, stride_dkn, stride_dkd, stride_dvn, stride_dvd,
-                   offs_d, d_valid, seed, bh, scale, qk_scale, dropout_p, QW, QB, q_eps, KW, KB, k_eps,
-                   HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, Q_NORM: tl.constexpr, K_NORM: tl.constexpr,
+                   stride_dkn, stride_dkd, stride_dvn, stride_dvd, offs_d, d_valid, seed, bh, scale, qk_scale,
+                   dropout_p, KW, KB, k_eps, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, K_NORM: tl.constexpr,
                    DROPOUT: tl.constexpr, INPUT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
-                   BLOCK_N: tl.constexpr, FINAL: tl.constexpr):
-    """dk, dv of keys [start_n, +BLOCK_N) over every query (full steps, then tails), stored.
-    Returns (k_dw, k_db, q_dw, q_db): the k-norm's running sums updated, and the q-norm's over
-    the head, summed with FINAL (the last key block, where dq is finished)."""
+                   BLOCK_N: tl.constexpr):
+    """dk, dv of keys [start_n, +BLOCK_N) over every query, stored; dq's partial sums updated.
+    Returns the k-norm's running (dw, db) with this block's sums added.
+
+    Above 64 lanes of head dim, dv takes its own pass over the queries (scores computed twice,
+    6 GEMMs per pair instead of 5): dk and dv together are 2 x 64 x 128 float32 accumulators,
+    all of a warpgroup's registers at 128 per thread, and every tile spilled."""
     offs_n = start_n + tl.arange(0, BLOCK_N)
     n_valid = offs_n < N
-    k, k_hat, k_rstd = _load_normed_rows(K, offs_n, n_valid, stride_kn, stride_kd, offs_d, d_valid, K_NORM,
-                                         KW, KB, k_eps, HEAD_DIM)
+    k = _load_normed_rows(K, offs_n, n_valid, stride_kn, stride_kd, offs_d, d_valid, K_NORM, KW, KB, k_eps,
+                          HEAD_DIM)[0]
     v = _load_rows(V, offs_n, n_valid, stride_vn, stride_vd, offs_d, d_valid)
     dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
-    q_dw = tl.zeros([BLOCK_D], tl.float32)
-    q_db = tl.zeros([BLOCK_D], tl.float32)
-    full_end = N // BLOCK_M * BLOCK_M
-    for start_m in range(0, full_end, BLOCK_M):
-        dk, dv, q_dw, q_db = _bwd_pair(k, v, dk, dv, q_dw, q_db, Q, DO, LSE, delta_rows, dqt_rows, DQ, start_n, start_m, N,
-                                   rows, stride_qn, stride_qd, stride_don, stride_dod, stride_dqn, stride_dqd,
-                                   offs_n, n_valid, offs_d, d_valid, seed, bh, scale, qk_scale, dropout_p,
-                                   QW, QB, q_eps, HEAD_DIM, Q_NORM, DROPOUT, INPUT_PRECISION, BLOCK_N, BLOCK_M,
-                                   FINAL)
-    for start_m in range(full_end, N, TAIL):
-        dk, dv, q_dw, q_db = _bwd_pair(k, v, dk, dv, q_dw, q_db, Q, DO, LSE, delta_rows, dqt_rows, DQ, start_n, start_m, N,
-                                   rows, stride_qn, stride_qd, stride_don, stride_dod, stride_dqn, stride_dqd,
-                                   offs_n, n_valid, offs_d, d_valid, seed, bh, scale, qk_scale, dropout_p,
-                                   QW, QB, q_eps, HEAD_DIM, Q_NORM, DROPOUT, INPUT_PRECISION, BLOCK_N, TAIL,
-                                   FINAL)
+    if BLOCK_D > 64:
+        dk, dv = _bwd_queries(k, v, dk, dv, Q, DO, LSE, delta_rows, dqt_rows, start_n, N, rows, stride_qn, stride_qd,
+                              stride_don, stride_dod, n_valid, offs_d, d_valid, seed, bh, qk_scale, dropout_p,
+                              DROPOUT, INPUT_PRECISION, BLOCK_M, BLOCK_N, True, False)
+        _store_rows(DV, dv, offs_n, n_valid, stride_dvn, stride_dvd, offs_d, d_valid)
+        dk, dv = _bwd_queries(k, v, dk, dv, Q, DO, LSE, delta_rows, dqt_rows, start_n, N, rows, stride_qn, stride_qd,
+                              stride_don, stride_dod, n_valid, offs_d, d_valid, seed, bh, qk_scale, dropout_p,
+                              DROPOUT, INPUT_PRECISION, BLOCK_M, BLOCK_N, False, True)
+    else:
+        dk, dv = _bwd_queries(k, v, dk, dv, Q, DO, LSE, delta_rows, dqt_rows, start_n, N, rows, stride_qn, stride_qd,
+                              stride_don, stride_dod, n_valid, offs_d, d_valid, seed, bh, qk_scale, dropout_p,
+                              DROPOUT, INPUT_PRECISION, BLOCK_M, BLOCK_N, True, True)
+        _store_rows(DV, dv, offs_n, n_valid, stride_dvn, stride_dvd, offs_d, d_valid)
     dk *= scale
     if K_NORM:
+        # Normalised again (from L2) rather than kept: k_hat would hold BLOCK_N x BLOCK_D floats
+        # of registers through the query loop.
+        _, k_hat, k_rstd = _load_normed_rows(K, offs_n, n_valid, stride_kn, stride_kd, offs_d, d_valid, K_NORM,
+                                             KW, KB, k_eps, HEAD_DIM)
         dk, k_dw, k_db = _layer_norm_rows_bwd(dk, k_hat, k_rstd, n_valid, KW, offs_d, d_valid, k_dw, k_db, HEAD_DIM)
     _store_rows(DK, dk, offs_n, n_valid, stride_dkn, stride_dkd, offs_d, d_valid)
-    _store_rows(DV, dv, offs_n, n_valid, stride_dvn, stride_dvd, offs_d, d_valid)
-    return k_dw, k_db, q_dw, q_db
+    return k_dw, k_db
 
 
 @_autotune("bwd")
@@ -402,6 +423,7 @@ def _attention_bwd(
     SEED, QW, QB, KW, KB,           # as in _attention_fwd
     NORM_GRADS,                     # (B * H, 2, 2, D) fp32 out: per head, [q-norm, k-norm] x [dw, db]
     SCRATCH,                        # (programs, (1 + BLOCK_D) * rows) fp32: per program, delta and dq^T
+    NORMED_Q,                       # (programs, rows, BLOCK_D) in q's dtype: the normalised q (Q_NORM only)
     stride_qb, stride_qh, stride_qn, stride_qd,     # (batch, head, token, feature) strides of q, k, v,
     stride_kb, stride_kh, stride_kn, stride_kd,     # o, dO, dq, dk, dv
     stride_vb, stride_vh, stride_vn, stride_vd,
@@ -441,8 +463,8 @@ def _attention_bwd(
     d_valid = offs_d < HEAD_DIM
     delta_rows = SCRATCH + pid.to(tl.int64) * (1 + BLOCK_D) * rows
     dqt_rows = delta_rows + rows
+    normed_q_rows = NORMED_Q + pid.to(tl.int64) * rows * BLOCK_D
     seed = tl.load(SEED) if DROPOUT else 0
-    last_start = (N - 1) // BLOCK_N * BLOCK_N
     for head in range(pid, BH, tl.num_programs(0)):
         bh = tl.cast(head, tl.int64)  # a tensor in the interpreter too, and 64-bit for the offsets
         q_ptr = _head_base(Q, bh, H, stride_qb, stride_qh)
@@ -457,29 +479,45 @@ def _attention_bwd(
             o = _load_rows(o_ptr, offs_m, m_valid, stride_on, stride_od, offs_d, d_valid)
             do = _load_rows(do_ptr, offs_m, m_valid, stride_don, stride_dod, offs_d, d_valid)
             tl.store(delta_rows + offs_m, tl.sum(o.to(tl.float32) * do.to(tl.float32), axis=1), mask=m_valid)
+            if Q_NORM:
+                q = _load_normed_rows(q_ptr, offs_m, m_valid, stride_qn, stride_qd, offs_d, d_valid, Q_NORM, QW,
+                                      QB, q_eps, HEAD_DIM)[0]
+                _store_rows(normed_q_rows, q, offs_m, m_valid, BLOCK_D, 1, offs_d, d_valid)
         # The scratch is written and read by different threads of the program.
         tl.debug_barrier()
 
         dq_ptr = _head_base(DQ, bh, H, stride_dqb, stride_dqh)
         dk_ptr = _head_base(DK, bh, H, stride_dkb, stride_dkh)
         dv_ptr = _head_base(DV, bh, H, stride_dvb, stride_dvh)
+        # The dots read q from the scratch when it is normalised (once per head, not per key block).
+        q_dots, stride_dots_n, stride_dots_d = q_ptr, stride_qn, stride_qd
+        if Q_NORM:
+            q_dots, stride_dots_n, stride_dots_d = normed_q_rows, BLOCK_D, 1
         k_dw = tl.zeros([BLOCK_D], tl.float32)
         k_db = tl.zeros([BLOCK_D], tl.float32)
-        for start_n in range(0, last_start, BLOCK_N):
-            k_dw, k_db, _, _ = _bwd_key_block(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_rows, dqt_rows, dq_ptr, dk_ptr,
-                                       dv_ptr, start_n, N, rows, k_dw, k_db, stride_qn, stride_qd, stride_kn, stride_kd,
-                                       stride_vn, stride_vd, stride_don, stride_dod, stride_dqn, stride_dqd,
-                                       stride_dkn, stride_dkd, stride_dvn, stride_dvd, offs_d, d_valid, seed, bh,
-                                       scale, qk_scale, dropout_p, QW, QB, q_eps, KW, KB, k_eps, HEAD_DIM,
-                                       BLOCK_D, Q_NORM, K_NORM, DROPOUT, INPUT_PRECISION, BLOCK_M, BLOCK_N, False)
+        for start_n in range(0, N, BLOCK_N):
+            k_dw, k_db = _bwd_key_block(q_dots, k_ptr, v_ptr, do_ptr, lse_ptr, delta_rows, dqt_rows, dk_ptr, dv_ptr,
+                                        start_n, N, rows, k_dw, k_db, stride_dots_n, stride_dots_d, stride_kn,
+                                        stride_kd, stride_vn, stride_vd, stride_don, stride_dod, stride_dkn,
+                                        stride_dkd, stride_dvn, stride_dvd, offs_d, d_valid, seed, bh, scale, qk_scale,
+                                        dropout_p, KW, KB, k_eps, HEAD_DIM, BLOCK_D, K_NORM, DROPOUT,
+                                        INPUT_PRECISION, BLOCK_M, BLOCK_N)
             tl.debug_barrier()
-        k_dw, k_db, q_dw, q_db = _bwd_key_block(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_rows, dqt_rows, dq_ptr, dk_ptr,
-                                        dv_ptr, last_start, N, rows, k_dw, k_db, stride_qn, stride_qd, stride_kn,
-                                        stride_kd, stride_vn, stride_vd, stride_don, stride_dod, stride_dqn,
-                                        stride_dqd, stride_dkn, stride_dkd, stride_dvn, stride_dvd, offs_d, d_valid,
-                                        seed, bh, scale, qk_scale, dropout_p, QW, QB, q_eps, KW, KB, k_eps,
-                                        HEAD_DIM, BLOCK_D, Q_NORM, K_NORM, DROPOUT, INPUT_PRECISION, BLOCK_M,
-                                        BLOCK_N, True)
+
+        # dq: the scratch's dq^T read back as rows, scaled, taken through the q-norm.
+        q_dw = tl.zeros([BLOCK_D], tl.float32)
+        q_db = tl.zeros([BLOCK_D], tl.float32)
+        for start_m in range(0, N, BLOCK_M):
+            offs_m = start_m + tl.arange(0, BLOCK_M)
+            m_valid = offs_m < N
+            dq = tl.load(dqt_rows + offs_m[:, None] + offs_d[None, :] * rows,
+                         mask=m_valid[:, None] & d_valid[None, :], other=0.0) * scale
+            if Q_NORM:
+                _, q_hat, q_rstd = _load_normed_rows(q_ptr, offs_m, m_valid, stride_qn, stride_qd, offs_d, d_valid,
+                                                     Q_NORM, QW, QB, q_eps, HEAD_DIM)
+                dq, q_dw, q_db = _layer_norm_rows_bwd(dq, q_hat, q_rstd, m_valid, QW, offs_d, d_valid, q_dw, q_db,
+                                                      HEAD_DIM)
+            _store_rows(dq_ptr, dq, offs_m, m_valid, stride_dqn, stride_dqd, offs_d, d_valid)
         grads = NORM_GRADS + bh.to(tl.int64) * 4 * HEAD_DIM + offs_d
         if Q_NORM:
             tl.store(grads, q_dw, mask=d_valid)

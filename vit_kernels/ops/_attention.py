@@ -63,8 +63,9 @@ def _launch_bwd(do, q, k, v, o, lse, dq, dk, dv, seed, scale, dropout_p, norms):
     scratch = lse.new_empty(programs, (1 + consts["BLOCK_D"]) * rows)
     # Per head: [q-norm, k-norm] x [dw, db]; the kernel writes those of the norms that exist.
     norm_grads = lse.new_zeros((B * H, 2, 2, D) if qw is not None or kw is not None else (1, 2, 2, D))
+    normed_q = q.new_empty((programs, rows, consts["BLOCK_D"]) if qw is not None else (0,))
     backend.launcher(kernels._attention_bwd)[(programs,)](
-        q, k, v, o, do, lse, dq, dk, dv, seed, qw, qb, kw, kb, norm_grads, scratch,
+        q, k, v, o, do, lse, dq, dk, dv, seed, qw, qb, kw, kb, norm_grads, scratch, normed_q,
         *q.stride(), *k.stride(), *v.stride(), *o.stride(), *do.stride(), *dq.stride(), *dk.stride(), *dv.stride(),
         B * H, H, N, rows, scale, scale * LOG2E, q_eps, k_eps, dropout_p, **consts)
     return norm_grads[:, 0].sum(dim=0), norm_grads[:, 1].sum(dim=0)
