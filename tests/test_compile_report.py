@@ -214,13 +214,13 @@ def test_cli_refuses_the_interpreter(capsys):
 
 def test_cli_check_and_json(tmp_path):
     out = tmp_path / "report.json"
-    done = subprocess.run([sys.executable, "-m", "vit_kernels", "compile-report", "--kernels", "_attention_bwd_delta",
+    done = subprocess.run([sys.executable, "-m", "vit_kernels", "compile-report", "--kernels", "_attention_bwd",
                            "--check", "--json", str(out), "--markdown", str(tmp_path / "report.md")],
                           env=_compiling_env(), cwd=ROOT, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stderr[-4000:]
     data = json.loads(out.read_text())
     assert data["failures"] == [] and data["rows"]
-    assert {r["kernel"] for r in data["rows"]} == {"vit_kernels.kernels.attention._attention_bwd_delta"}
+    assert {r["kernel"] for r in data["rows"]} == {"vit_kernels.kernels.attention._attention_bwd"}
     # Head dims 64 and 80, from real scenarios; bf16 and fp16 only, since float32 attention runs
     # SDPA outside the interpreter (backend.float32_dots_on_kernels).
     labels = {v["label"].split(" | ")[0] for v in data["variants"]}

@@ -79,18 +79,18 @@ class _ConfigsInSequence:
         def run(*args, **kwargs):
             for config in self.configs:
                 meta = dict(kwargs, **config)
-                self.fn[grid(meta)](*args, **meta)
+                self.fn[grid(meta) if callable(grid) else grid](*args, **meta)
         return run
 
 
 @pytest.mark.skipif(DEVICE == "cuda", reason="calls the jitted kernels directly, as the interpreter runs them")
 @pytest.mark.parametrize("blocks", [(64, 128), (128, 64)], ids=["small-then-large", "large-then-small"])
 def test_qk_norm_gradients_whatever_configs_ran_before(monkeypatch, blocks):
-    for kernel, block in (("_attention_bwd_dkdv", "BLOCK_N"), ("_attention_bwd_dq", "BLOCK_M")):
-        configs = [{"BLOCK_M": 64, "BLOCK_N": 64, block: size} for size in blocks]
-        monkeypatch.setattr(attention_kernels, kernel,
-                            _ConfigsInSequence(getattr(attention_kernels, kernel), configs))
-    B, N, H, D = 1, 197, 2, 32  # 197 rows: 4 slots of 64, 2 blocks of 128
+    # Both block sizes of the backward: keys per block (the k-norm's sums) and queries per step.
+    configs = [{"BLOCK_M": size, "BLOCK_N": size} for size in blocks]
+    monkeypatch.setattr(attention_kernels, "_attention_bwd",
+                        _ConfigsInSequence(attention_kernels._attention_bwd, configs))
+    B, N, H, D = 1, 197, 2, 32  # 197 rows: 3 blocks of 64 and a tail, 1 block of 128 and a tail
     qkv = torch.randn(B, N, 3 * H * D, device=DEVICE)
     norms = dict(q_weight=1 + 0.3 * torch.randn(D), q_bias=0.3 * torch.randn(D),
                  k_weight=1 + 0.3 * torch.randn(D), k_bias=0.3 * torch.randn(D))

@@ -191,6 +191,57 @@ def waves(recorded: list[launches.Recorded]) -> list[dict]:
     return list(found.values())
 
 
+# The attention launches counted for work and traffic, and the backward's traffic bound.
+ATTENTION_SCENARIO = "attention(q, k, v) fwd+bwd, (B, H, N, D) contiguous"
+MAX_BACKWARD_TRAFFIC = 1.2
+L2_BYTES = 50 * 1024 * 1024
+
+
+def attention_counts(recorded: list[launches.Recorded]) -> list[dict]:
+    """Executed MMA work and modelled backward DRAM traffic of ``ATTENTION_SCENARIO`` (bf16), per
+    pair of kept (forward, backward) configs, against the unpadded minimum.
+
+    MMA work: the forward's 2 GEMMs over padded query blocks x tailed keys, the backward's 5
+    (6 above 64 lanes) over padded key blocks x tailed queries, at the padded head dim; the
+    minimum is 7 N^2 D per head. Traffic: the backward reads q, k, v, o, dO and lse once and
+    writes dq, dk, dv once; its per-program scratch (delta, dq^T, normalised q) is counted as
+    L2-resident, which holds while all programs' slots fit in L2 (``scratch_mb`` against 50 MB).
+    The minimum reads q, k, v, o, dO and writes dq, dk, dv. A traffic ratio above
+    ``MAX_BACKWARD_TRAFFIC`` is a violation."""
+    from ..kernels import attention
+
+    by_kernel = {}
+    for rec in recorded:
+        if rec.scenario == ATTENTION_SCENARIO and rec.precision == "bf16":
+            by_kernel[sm90.kernel_name(rec.launch.kernel).rsplit(".", 1)[-1]] = rec.launch
+    fwd, bwd = by_kernel.get("_attention_fwd"), by_kernel.get("_attention_bwd")
+    if fwd is None or bwd is None:
+        return []
+    args = {**dict(zip(bwd.kernel.arg_names, bwd.args)), **bwd.kwargs}
+    q, heads, n, block_d = args["Q"], args["BH"], args["N"], args["BLOCK_D"]
+    d, size = q.shape[-1], q.element_size()
+    minimum_mma = 7 * n * n * d
+    minimum_bytes = 8 * n * d * size
+    traffic = (minimum_bytes + 4 * n) / minimum_bytes
+    programs = bwd.grid[0]
+    scratch = args["SCRATCH"].numel() * 4 + args["NORMED_Q"].numel() * size
+    rows = []
+    for fc in sm90.kept_configs(fwd.kernel, fwd.args, fwd.kwargs):
+        for bc in sm90.kept_configs(bwd.kernel, bwd.args, bwd.kwargs):
+            f, b = fc.all_kwargs(), bc.all_kwargs()
+            gemms = 6 if block_d > 64 else 5
+            executed = (2 * attention.padded(n, f["BLOCK_M"]) * attention.tailed(n, f["BLOCK_N"]) +
+                        gemms * attention.padded(n, b["BLOCK_N"]) * attention.tailed(n, b["BLOCK_M"])) * block_d
+            rows.append(dict(heads=heads, N=n, D=d, fwd=_config_label(fc), bwd=_config_label(bc),
+                             mma_work=round(executed / minimum_mma, 3), traffic=round(traffic, 3),
+                             traffic_gb=round(heads * (minimum_bytes + 4 * n) / 1e9, 3),
+                             minimum_gb=round(heads * minimum_bytes / 1e9, 3), programs=programs,
+                             scratch_mb=round(scratch / 2**20, 1),
+                             violations=[f"backward traffic {traffic:.2f}x the minimum (> {MAX_BACKWARD_TRAFFIC}x)"]
+                             if traffic > MAX_BACKWARD_TRAFFIC or scratch > L2_BYTES else []))
+    return rows
+
+
 @dataclasses.dataclass
 class Report:
     meta: dict
@@ -198,6 +249,7 @@ class Report:
     variants: list[dict]
     cold_start: dict
     waves: list[dict]
+    attention: list[dict]
 
     def failures(self) -> list[dict]:
         return [r for r in self.rows if r["kept"] and r["violations"]] + \
@@ -206,7 +258,9 @@ class Report:
                                                if r["variant_id"] == v["id"])] + \
             [dict(kernel="vit_kernels.kernels.gemm._gemm", variant=f"M={w['M']} N={w['N']} K={w['K']} "
                   f"SPLIT_K={w['split_k']}", config=w["config"], violations=w["violations"])
-             for w in self.waves if w["violations"]]
+             for w in self.waves if w["violations"]] + \
+            [dict(kernel="vit_kernels.kernels.attention._attention_bwd", variant=f"N={a['N']} D={a['D']}",
+                  config=a["bwd"], violations=a["violations"]) for a in self.attention if a["violations"]]
 
 
 def _toolchain() -> dict:
@@ -290,11 +344,13 @@ def build(precisions: tuple[str, ...], all_configs: bool, workers: int, kernels:
     meta = dict(**_toolchain(), configs="all" if all_configs else "kept", precisions=list(precisions),
                 date=datetime.date.today().isoformat(), compile_seconds=round(elapsed, 1), workers=workers,
                 mean_compile_seconds=round(mean_seconds, 2))
-    return Report(meta, rows, variant_rows, cold_start(results, mean_seconds), waves(recorded))
+    return Report(meta, rows, variant_rows, cold_start(results, mean_seconds), waves(recorded),
+                  attention_counts(recorded))
 
 
 def to_json(report: Report) -> str:
     return json.dumps(dict(meta=report.meta, cold_start=report.cold_start, waves=report.waves,
+                           attention=report.attention,
                            variants=report.variants, rows=report.rows, failures=report.failures()),
                       indent=1, default=str)
 
@@ -333,6 +389,16 @@ def to_markdown(report: Report, command: str) -> str:
         out.append(f"| {w['M']} | {w['N']} | {w['K']} | {'yes' if w['weight_grad'] else ''} | {w['split_k']} | "
                    f"{w['config']} | {w['tiles']} | {w['programs']} | {w['last_wave']:.0%} | "
                    f"{'; '.join(w['violations']) or 'ok'} |")
+    out += ["", f"## Attention work and traffic: {ATTENTION_SCENARIO} (bf16)", "",
+            "MMA work executed (padded query/key blocks, tailed steps, padded head dim) over the unpadded "
+            "7 N^2 D per head; backward DRAM traffic over the minimum (q, k, v, o, dO read, dq, dk, dv "
+            "written once), its per-program scratch counted as L2-resident.", "",
+            "| B*H | N | D | forward | backward | MMA work | bwd traffic | GB (min) | programs | scratch MB | verdict |",
+            "|---:|---:|---:|---|---|---:|---:|---:|---:|---:|---|"]
+    for a in report.attention:
+        out.append(f"| {a['heads']} | {a['N']} | {a['D']} | {a['fwd']} | {a['bwd']} | {a['mma_work']:.3f}x | "
+                   f"{a['traffic']:.3f}x | {a['traffic_gb']} ({a['minimum_gb']}) | {a['programs']} | "
+                   f"{a['scratch_mb']} | {'; '.join(a['violations']) or 'ok'} |")
     out += ["", "## Summary", "", "| kernel | variants | configs | kept rows | pruned rows | violations |",
             "|---|---:|---:|---:|---:|---:|"]
     for kernel in sorted({v["kernel"] for v in report.variants}):

@@ -43,8 +43,16 @@ def _constants(q: Tensor, norms, dropout_p: float) -> dict:
                 K_NORM=kw is not None, DROPOUT=dropout_p > 0, INPUT_PRECISION=backend.dot_precision(q.dtype))
 
 
+def _head_offsets_fit(t: Tensor) -> Tensor:
+    """``t``, or a contiguous copy where one head's (N, D) span passes 2^31 elements: the kernels
+    index within a head with 32-bit offsets (only strange views get there, e.g. a transposed batch)."""
+    span = sum((size - 1) * abs(stride) for size, stride in zip(t.shape[2:], t.stride()[2:]))
+    return t if span < 2**31 else t.contiguous()
+
+
 def _launch_fwd(q, k, v, o, lse, seed, scale, dropout_p, norms):
     B, H, N, _ = q.shape
+    q, k, v = map(_head_offsets_fit, (q, k, v))
     (qw, qb, q_eps), (kw, kb, k_eps) = norms
     grid = lambda meta: (B * H, triton.cdiv(N, meta["BLOCK_M"]))  # noqa: E731
     backend.launcher(kernels._attention_fwd)[grid](
@@ -55,6 +63,7 @@ def _launch_fwd(q, k, v, o, lse, seed, scale, dropout_p, norms):
 def _launch_bwd(do, q, k, v, o, lse, dq, dk, dv, seed, scale, dropout_p, norms):
     """Fills dq, dk, dv; returns the float32 (dw, db) sums of the q- and k-norm, each (2, D)."""
     B, H, N, D = q.shape
+    do, q, k, v, o = map(_head_offsets_fit, (do, q, k, v, o))
     (qw, qb, q_eps), (kw, kb, k_eps) = norms
     consts = _constants(q, norms, dropout_p)
     programs = kernels.backward_programs(B * H, q.device)
