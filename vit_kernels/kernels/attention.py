@@ -445,18 +445,20 @@ def _attention_bwd(
 
     Why this design: ViT heads are short (N <= 1025) and many (B * H in the thousands), so one
     program owns a whole head and walks it alone, and nothing is ever reduced across programs:
-      1. delta_i = dO_i . o_i for every query, into the program's scratch slot;
-      2. for each key block j (in order): for each query step i: s^T, p^T, dp^T and ds^T once
+      1. delta_i = dO_i . o_i for every query (and, with a q-norm, the normalised q) into the
+         program's scratch slot;
+      2. for each key block j (in order), for each query step i: s^T, p^T, dp^T and ds^T once
          for the pair; dk_j, dv_j accumulate in registers; dq_i^T's partial sum over the key
-         blocks so far is read from, and written back to, the scratch slot; the last key block
-         finishes dq_i (scale, q-norm backward) straight into DQ.
+         blocks so far is read from, and written back to, the scratch slot;
+      3. dq_i read back from the scratch as rows, scaled, taken through the q-norm into DQ.
     Each pair's scores are computed once (5 GEMMs per pair, not the 7 of a split dk/dv + dq
-    backward), delta costs no launch, every sum runs in a fixed order (no atomics: bitwise
-    deterministic), and each of q, k, v, o, dO is read from DRAM once: the program's re-reads
-    of a head's q and dO (one per key block) and its scratch slot (2 x 132 slots, 52 KB each
-    at N = 197, D = 64) stay in L2. Programs are persistent (``backward_programs``): the
-    scratch is per program, not per head. The price is parallelism: a head is one program, so
-    a long sequence with few heads (N = 4096, B * H = 4) leaves most SMs idle.
+    backward; 6 above 64 lanes, see ``_bwd_key_block``), delta costs no launch, every sum
+    runs in a fixed order (no atomics: bitwise deterministic), and each of q, k, v, o, dO is
+    read from DRAM once: the program's re-reads of a head's q and dO (one per key block) and
+    its scratch slot (2 x 132 slots, 52 KB each at N = 197, D = 64) stay in L2. Programs are
+    persistent (``backward_programs``): the scratch is per program, not per head. The price is
+    parallelism: a head is one program, so a long sequence with few heads (N = 4096, B * H = 4)
+    leaves most SMs idle. Barriers order the scratch's writes and reads between threads.
     """
     pid = tl.program_id(0)
     offs_d = tl.arange(0, BLOCK_D)
