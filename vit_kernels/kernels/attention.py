@@ -42,7 +42,6 @@ backward regenerates the forward's mask whatever the tiles (blocks start at mult
 """
 from __future__ import annotations
 
-import torch
 import triton
 import triton.language as tl
 
