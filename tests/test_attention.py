@@ -174,6 +174,17 @@ def test_attention_cases(case, dtype):
     _check_case(*case, dtype)
 
 
+@pytest.mark.parametrize("layout", ["packed", "strided"])
+def test_more_heads_than_backward_programs(monkeypatch, layout):
+    """The backward's persistent programs each walk several heads, reusing one scratch slot (delta,
+    dq^T partials, normalised q): a stale slot would leak one head's sums into the next. Two
+    programs for 15 heads, on any device."""
+    from vit_kernels.kernels import attention as kernels
+    monkeypatch.setattr(kernels, "backward_programs", lambda heads, device: min(heads, 2))
+    B, H, N, D = 3, 5, 40, 32
+    _check_case(B, H, N, D, layout, layout == "packed", 0.25, torch.float32)
+
+
 @pytest.mark.parametrize("head_dim", [16, 96, 112, 128])
 def test_head_dims(head_dim):
     """The ends of the supported range and the other non-powers of two (padded lanes masked)."""
