@@ -204,6 +204,30 @@ def test_weight_gradient_waves():
     assert [w["tiles"] // w["split_k"] for w in weight_grads] == [72] * len(weight_grads)
 
 
+_ATTENTION_COUNTS = """
+import json
+from vit_kernels.compile_report import launches, report
+scenario = [s for s in launches.scenarios() if s.name == report.ATTENTION_SCENARIO]
+print(json.dumps(report.attention_counts(launches.record(scenario, ("bf16",)))))
+"""
+
+
+def test_attention_work_and_traffic():
+    # ViT-B at batch 256 (B * H = 3072, N = 197, D = 64): the backward reads q, k, v, o, dO and lse
+    # once and writes dq, dk, dv once; its scratch fits in L2. MMA work: 64-row blocks pad one side
+    # to 256, 16-token tails the other to 208, in the forward's 2 GEMMs and the backward's 5.
+    done = subprocess.run([sys.executable, "-c", _ATTENTION_COUNTS], env=_compiling_env(), cwd=ROOT,
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-4000:]
+    rows = json.loads(done.stdout.strip().splitlines()[-1])
+    assert rows
+    for row in rows:
+        assert (row["heads"], row["N"], row["D"], row["programs"]) == (3072, 197, 64, 264), row
+        assert row["traffic"] <= report.MAX_BACKWARD_TRAFFIC and not row["violations"], row
+        assert row["scratch_mb"] * 2**20 < report.L2_BYTES
+        assert row["mma_work"] == round(256 * 208 / 197**2, 3), row
+
+
 def test_cli_refuses_the_interpreter(capsys):
     from vit_kernels.__main__ import main
     if not backend.interpreter_enabled():

@@ -222,23 +222,26 @@ def attention_counts(recorded: list[launches.Recorded]) -> list[dict]:
     d, size = q.shape[-1], q.element_size()
     minimum_mma = 7 * n * n * d
     minimum_bytes = 8 * n * d * size
-    traffic = (minimum_bytes + 4 * n) / minimum_bytes
+    moved_bytes = minimum_bytes + 4 * n   # and lse
+    traffic = moved_bytes / minimum_bytes
+    gemms = 6 if block_d > 64 else 5
     programs = bwd.grid[0]
     scratch = args["SCRATCH"].numel() * 4 + args["NORMED_Q"].numel() * size
+    violations = [f"backward traffic {traffic:.2f}x the minimum (> {MAX_BACKWARD_TRAFFIC}x)"] \
+        if traffic > MAX_BACKWARD_TRAFFIC else []
+    if scratch > L2_BYTES:
+        violations.append(f"scratch of {scratch / 2**20:.0f} MB does not fit in L2: the traffic model fails")
     rows = []
     for fc in sm90.kept_configs(fwd.kernel, fwd.args, fwd.kwargs):
         for bc in sm90.kept_configs(bwd.kernel, bwd.args, bwd.kwargs):
             f, b = fc.all_kwargs(), bc.all_kwargs()
-            gemms = 6 if block_d > 64 else 5
             executed = (2 * attention.padded(n, f["BLOCK_M"]) * attention.tailed(n, f["BLOCK_N"]) +
                         gemms * attention.padded(n, b["BLOCK_N"]) * attention.tailed(n, b["BLOCK_M"])) * block_d
             rows.append(dict(heads=heads, N=n, D=d, fwd=_config_label(fc), bwd=_config_label(bc),
                              mma_work=round(executed / minimum_mma, 3), traffic=round(traffic, 3),
-                             traffic_gb=round(heads * (minimum_bytes + 4 * n) / 1e9, 3),
+                             traffic_gb=round(heads * moved_bytes / 1e9, 3),
                              minimum_gb=round(heads * minimum_bytes / 1e9, 3), programs=programs,
-                             scratch_mb=round(scratch / 2**20, 1),
-                             violations=[f"backward traffic {traffic:.2f}x the minimum (> {MAX_BACKWARD_TRAFFIC}x)"]
-                             if traffic > MAX_BACKWARD_TRAFFIC or scratch > L2_BYTES else []))
+                             scratch_mb=round(scratch / 2**20, 1), violations=violations))
     return rows
 
 
