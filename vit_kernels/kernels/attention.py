@@ -389,19 +389,15 @@ def _bwd_key_block(Q, K, V, DO, LSE, delta_rows, dqt_rows, DK, DV, start_n, N, r
     v = _load_rows(V, offs_n, n_valid, stride_vn, stride_vd, offs_d, d_valid)
     dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+    # dv (with dk and dq in the same pass at 64 lanes or fewer), then dk and dq on their own above.
+    dk, dv = _bwd_queries(k, v, dk, dv, Q, DO, LSE, delta_rows, dqt_rows, start_n, N, rows, stride_qn, stride_qd,
+                          stride_don, stride_dod, n_valid, offs_d, d_valid, seed, bh, qk_scale, dropout_p, DROPOUT,
+                          INPUT_PRECISION, BLOCK_M, BLOCK_N, True, BLOCK_D <= 64)
+    _store_rows(DV, dv, offs_n, n_valid, stride_dvn, stride_dvd, offs_d, d_valid)
     if BLOCK_D > 64:
         dk, dv = _bwd_queries(k, v, dk, dv, Q, DO, LSE, delta_rows, dqt_rows, start_n, N, rows, stride_qn, stride_qd,
                               stride_don, stride_dod, n_valid, offs_d, d_valid, seed, bh, qk_scale, dropout_p,
-                              DROPOUT, INPUT_PRECISION, BLOCK_M, BLOCK_N, True, False)
-        _store_rows(DV, dv, offs_n, n_valid, stride_dvn, stride_dvd, offs_d, d_valid)
-        dk, dv = _bwd_queries(k, v, dk, dv, Q, DO, LSE, delta_rows, dqt_rows, start_n, N, rows, stride_qn, stride_qd,
-                              stride_don, stride_dod, n_valid, offs_d, d_valid, seed, bh, qk_scale, dropout_p,
                               DROPOUT, INPUT_PRECISION, BLOCK_M, BLOCK_N, False, True)
-    else:
-        dk, dv = _bwd_queries(k, v, dk, dv, Q, DO, LSE, delta_rows, dqt_rows, start_n, N, rows, stride_qn, stride_qd,
-                              stride_don, stride_dod, n_valid, offs_d, d_valid, seed, bh, qk_scale, dropout_p,
-                              DROPOUT, INPUT_PRECISION, BLOCK_M, BLOCK_N, True, True)
-        _store_rows(DV, dv, offs_n, n_valid, stride_dvn, stride_dvd, offs_d, d_valid)
     dk *= scale
     if K_NORM:
         # Normalised again (from L2) rather than kept: k_hat would hold BLOCK_N x BLOCK_D floats
