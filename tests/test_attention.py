@@ -185,9 +185,20 @@ def test_more_heads_than_backward_programs(monkeypatch, layout):
     _check_case(B, H, N, D, layout, layout == "packed", 0.25, torch.float32)
 
 
-@pytest.mark.parametrize("head_dim", [16, 96, 112, 128])
+def test_head_dim_tiles():
+    """Two tiles where they pad less than one power of two, one tile otherwise."""
+    tiles = {d: attention_kernels.head_dim_tiles(d) for d in (16, 17, 24, 32, 40, 48, 64, 72, 80, 96, 100, 112, 128)}
+    assert tiles == {16: (16, 0), 17: (32, 0), 24: (32, 0), 32: (32, 0), 40: (32, 16), 48: (32, 16), 64: (64, 0),
+                     72: (64, 16), 80: (64, 16), 96: (64, 32), 100: (128, 0), 112: (128, 0), 128: (128, 0)}
+    for bad in (15, 129):
+        with pytest.raises(ValueError, match="head_dim"):
+            attention_kernels.head_dim_tiles(bad)
+
+
+@pytest.mark.parametrize("head_dim", [16, 48, 72, 96, 112, 128])
 def test_head_dims(head_dim):
-    """The ends of the supported range and the other non-powers of two (padded lanes masked)."""
+    """The ends of the supported range and the other non-powers of two: two tiles at 48 (32 + 16),
+    72 (64 + 16, 8 lanes past the head dim) and 96 (64 + 32), one padded tile at 112."""
     B, H, N = 1, 2, 33
     q, k, v = (torch.randn(B, H, N, head_dim, device=DEVICE, requires_grad=True) for _ in range(3))
     check(ATTENTION, Sample(dict(q=q, k=k, v=v)))

@@ -207,8 +207,9 @@ def test_weight_gradient_waves():
 _ATTENTION_COUNTS = """
 import json
 from vit_kernels.compile_report import launches, report
-scenario = [s for s in launches.scenarios() if s.name == report.ATTENTION_SCENARIO]
-print(json.dumps(report.attention_counts(launches.record(scenario, ("bf16",)))))
+names = [launches.attention_scenario_name(shape) for shape in launches.ATTENTION_SHAPES]
+scenarios = [s for s in launches.scenarios() if s.name in names]
+print(json.dumps(report.attention_counts(launches.record(scenarios, ("bf16",)))))
 """
 
 

@@ -133,17 +133,41 @@ def _vit_b_mlp(op: str, recompute: bool) -> Callable[[torch.dtype], None]:
     return run
 
 
-def _attention_bhnd(dtype: torch.dtype) -> None:
+# (B, H, N, D) of the attention shapes counted for work and traffic: ViT-B/16 and ViT-H/14 at
+# batch 256, and the widest head the kernel takes.
+ATTENTION_SHAPES = ((TRAIN_BATCH, 12, 197, 64), (TRAIN_BATCH, 16, 257, 80), (TRAIN_BATCH, 6, 197, 128))
+
+
+def attention_scenario_name(shape: tuple) -> str:
+    return "attention(q, k, v) fwd+bwd, (B, H, N, D) = ({}, {}, {}, {}) contiguous".format(*shape)
+
+
+def _attention_bhnd(shape: tuple) -> Callable[[torch.dtype], None]:
     """``vk.ops.attention`` on (B, H, N, D) tensors laid out as SDPA users hold them."""
-    q, k, v = (torch.empty(TRAIN_BATCH, 12, 197, 64, device=META, dtype=dtype, requires_grad=True)
-               for _ in range(3))
-    _backward(ops.attention(q, k, v))
+    def run(dtype: torch.dtype) -> None:
+        q, k, v = (torch.empty(*shape, device=META, dtype=dtype, requires_grad=True) for _ in range(3))
+        _backward(ops.attention(q, k, v))
+    return run
+
+
+def _qkv_attention(head_dim: int, qk_norm: bool, dropout_p: float) -> Callable[[torch.dtype], None]:
+    """``vk.ops.qkv_attention`` at batch 256, N 197, on a packed projection with 12 heads of ``head_dim``:
+    the head dims no model scenario runs with qk-norm or dropout."""
+    def run(dtype: torch.dtype) -> None:
+        qkv = torch.empty(TRAIN_BATCH, 197, 3 * 12 * head_dim, device=META, dtype=dtype, requires_grad=True)
+        norms = [torch.nn.LayerNorm(head_dim, device=META, dtype=dtype) if qk_norm else None for _ in range(2)]
+        _backward(ops.qkv_attention(qkv, 12, dropout_p=dropout_p, q_norm=norms[0], k_norm=norms[1]))
+    return run
 
 
 def _ops() -> list[Scenario]:
+    features = [("", False, 0.0), (", qk-norm", True, 0.0), (", attention dropout", False, 0.1),
+                (", qk-norm + attention dropout", True, 0.1)]
     return [Scenario(f"{op}(recompute={recompute}) fwd+bwd, ViT-B", _vit_b_mlp(op, recompute))
-            for op in ("linear_gelu", "mlp") for recompute in (False, True)] + [
-        Scenario("attention(q, k, v) fwd+bwd, (B, H, N, D) contiguous", _attention_bhnd)]
+            for op in ("linear_gelu", "mlp") for recompute in (False, True)] + \
+        [Scenario(attention_scenario_name(shape), _attention_bhnd(shape)) for shape in ATTENTION_SHAPES] + \
+        [Scenario(f"qkv_attention fwd+bwd, head dim {d}{label}", _qkv_attention(d, qk_norm, p))
+         for d in (80, 128) for label, qk_norm, p in features]
 
 
 def scenarios() -> list[Scenario]:

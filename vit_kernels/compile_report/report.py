@@ -191,57 +191,70 @@ def waves(recorded: list[launches.Recorded]) -> list[dict]:
     return list(found.values())
 
 
-# The attention launches counted for work and traffic, and the backward's traffic bound.
-ATTENTION_SCENARIO = "attention(q, k, v) fwd+bwd, (B, H, N, D) contiguous"
+# The backward's traffic bound, and the L2 its scratch must fit in for the traffic model to hold.
 MAX_BACKWARD_TRAFFIC = 1.2
 L2_BYTES = 50 * 1024 * 1024
 
 
-def attention_counts(recorded: list[launches.Recorded]) -> list[dict]:
-    """Executed MMA work and modelled backward DRAM traffic of ``ATTENTION_SCENARIO`` (bf16), per
-    pair of kept (forward, backward) configs, against the unpadded minimum.
+def _attention_mma_lanes(block_d: int, block_e: int) -> tuple[int, int]:
+    """Head-dim lanes the forward's and the backward's GEMMs execute, summed over the GEMMs of one
+    (query block, key block) pair: forward s, o (2); backward s^T, dp^T, dv, dk, dq^T, plus s^T again
+    in dv's own pass above ONE_PASS_LANES (5 or 6), dq^T's second tile at WGMMA_M lanes."""
+    from ..kernels import attention
 
-    MMA work: the forward's 2 GEMMs over padded query blocks x tailed keys, the backward's 5
-    (6 above 64 lanes) over padded key blocks x tailed queries, at the padded head dim; the
-    minimum is 7 N^2 D per head. Traffic: the backward reads q, k, v, o, dO and lse once and
-    writes dq, dk, dv once; its per-program scratch (delta, dq^T, normalised q) is counted as
-    L2-resident, which holds while all programs' slots fit in L2 (``scratch_mb`` against 50 MB).
-    The minimum reads q, k, v, o, dO and writes dq, dk, dv. A traffic ratio above
+    lanes = block_d + block_e
+    dq_lanes = block_d + (attention.WGMMA_M.value if block_e else 0)
+    one_pass = lanes <= attention.ONE_PASS_LANES.value
+    return 2 * lanes, (4 if one_pass else 5) * lanes + dq_lanes
+
+
+def attention_counts(recorded: list[launches.Recorded]) -> list[dict]:
+    """Executed MMA work and modelled backward DRAM traffic of the ``launches.ATTENTION_SHAPES``
+    scenarios (bf16), per pair of kept (forward, backward) configs, against the unpadded minimum.
+
+    MMA work: the forward's GEMMs over padded query blocks x tailed keys, the backward's over
+    padded key blocks x tailed queries, at the lanes of ``_attention_mma_lanes``; the minimum is
+    7 N^2 D per head (2 GEMMs forward, 5 backward). Traffic: the backward reads q, k, v, o, dO and
+    lse once and writes dq, dk, dv once; its per-program scratch (delta, dq^T, normalised q) is
+    counted as L2-resident, which holds while all programs' slots fit in L2 (``scratch_mb`` against
+    50 MB). The minimum reads q, k, v, o, dO and writes dq, dk, dv. A traffic ratio above
     ``MAX_BACKWARD_TRAFFIC`` is a violation."""
     from ..kernels import attention
 
-    by_kernel = {}
+    names = {launches.attention_scenario_name(shape) for shape in launches.ATTENTION_SHAPES}
+    by_scenario: dict[str, dict] = collections.defaultdict(dict)
     for rec in recorded:
-        if rec.scenario == ATTENTION_SCENARIO and rec.precision == "bf16":
-            by_kernel[sm90.kernel_name(rec.launch.kernel).rsplit(".", 1)[-1]] = rec.launch
-    fwd, bwd = by_kernel.get("_attention_fwd"), by_kernel.get("_attention_bwd")
-    if fwd is None or bwd is None:
-        return []
-    args = {**dict(zip(bwd.kernel.arg_names, bwd.args)), **bwd.kwargs}
-    q, heads, n, block_d = args["Q"], args["BH"], args["N"], args["BLOCK_D"]
-    d, size = q.shape[-1], q.element_size()
-    minimum_mma = 7 * n * n * d
-    minimum_bytes = 8 * n * d * size
-    moved_bytes = minimum_bytes + 4 * n   # and lse
-    traffic = moved_bytes / minimum_bytes
-    gemms = 6 if block_d > 64 else 5
-    programs = bwd.grid[0]
-    scratch = args["SCRATCH"].numel() * 4 + args["NORMED_Q"].numel() * size
-    violations = [f"backward traffic {traffic:.2f}x the minimum (> {MAX_BACKWARD_TRAFFIC}x)"] \
-        if traffic > MAX_BACKWARD_TRAFFIC else []
-    if scratch > L2_BYTES:
-        violations.append(f"scratch of {scratch / 2**20:.0f} MB does not fit in L2: the traffic model fails")
+        if rec.scenario in names and rec.precision == "bf16":
+            by_scenario[rec.scenario][sm90.kernel_name(rec.launch.kernel).rsplit(".", 1)[-1]] = rec.launch
     rows = []
-    for fc in sm90.kept_configs(fwd.kernel, fwd.args, fwd.kwargs):
-        for bc in sm90.kept_configs(bwd.kernel, bwd.args, bwd.kwargs):
-            f, b = fc.all_kwargs(), bc.all_kwargs()
-            executed = (2 * attention.padded(n, f["BLOCK_M"]) * attention.tailed(n, f["BLOCK_N"]) +
-                        gemms * attention.padded(n, b["BLOCK_N"]) * attention.tailed(n, b["BLOCK_M"])) * block_d
-            rows.append(dict(heads=heads, N=n, D=d, fwd=_config_label(fc), bwd=_config_label(bc),
-                             mma_work=round(executed / minimum_mma, 3), traffic=round(traffic, 3),
-                             traffic_gb=round(heads * moved_bytes / 1e9, 3),
-                             minimum_gb=round(heads * minimum_bytes / 1e9, 3), programs=programs,
-                             scratch_mb=round(scratch / 2**20, 1), violations=violations))
+    for launched in by_scenario.values():
+        fwd, bwd = launched.get("_attention_fwd"), launched.get("_attention_bwd")
+        if fwd is None or bwd is None:
+            continue
+        args = {**dict(zip(bwd.kernel.arg_names, bwd.args)), **bwd.kwargs}
+        q, heads, n = args["Q"], args["BH"], args["N"]
+        d, size = q.shape[-1], q.element_size()
+        fwd_lanes, bwd_lanes = _attention_mma_lanes(args["BLOCK_D"], args["BLOCK_E"])
+        minimum_mma = 7 * n * n * d
+        minimum_bytes = 8 * n * d * size
+        moved_bytes = minimum_bytes + 4 * n   # and lse
+        traffic = moved_bytes / minimum_bytes
+        programs = bwd.grid[0]
+        scratch = args["SCRATCH"].numel() * 4 + args["NORMED_Q"].numel() * size
+        violations = [f"backward traffic {traffic:.2f}x the minimum (> {MAX_BACKWARD_TRAFFIC}x)"] \
+            if traffic > MAX_BACKWARD_TRAFFIC else []
+        if scratch > L2_BYTES:
+            violations.append(f"scratch of {scratch / 2**20:.0f} MB does not fit in L2: the traffic model fails")
+        for fc in sm90.kept_configs(fwd.kernel, fwd.args, fwd.kwargs):
+            for bc in sm90.kept_configs(bwd.kernel, bwd.args, bwd.kwargs):
+                f, b = fc.all_kwargs(), bc.all_kwargs()
+                executed = (fwd_lanes * attention.padded(n, f["BLOCK_M"]) * attention.tailed(n, f["BLOCK_N"]) +
+                            bwd_lanes * attention.padded(n, b["BLOCK_N"]) * attention.tailed(n, b["BLOCK_M"]))
+                rows.append(dict(heads=heads, N=n, D=d, fwd=_config_label(fc), bwd=_config_label(bc),
+                                 mma_work=round(executed / minimum_mma, 3), traffic=round(traffic, 3),
+                                 traffic_gb=round(heads * moved_bytes / 1e9, 3),
+                                 minimum_gb=round(heads * minimum_bytes / 1e9, 3), programs=programs,
+                                 scratch_mb=round(scratch / 2**20, 1), violations=violations))
     return rows
 
 
@@ -392,8 +405,8 @@ def to_markdown(report: Report, command: str) -> str:
         out.append(f"| {w['M']} | {w['N']} | {w['K']} | {'yes' if w['weight_grad'] else ''} | {w['split_k']} | "
                    f"{w['config']} | {w['tiles']} | {w['programs']} | {w['last_wave']:.0%} | "
                    f"{'; '.join(w['violations']) or 'ok'} |")
-    out += ["", f"## Attention work and traffic: {ATTENTION_SCENARIO} (bf16)", "",
-            "MMA work executed (padded query/key blocks, tailed steps, padded head dim) over the unpadded "
+    out += ["", "## Attention work and traffic: attention(q, k, v) fwd+bwd, (B, H, N, D) contiguous (bf16)", "",
+            "MMA work executed (padded query/key blocks, tailed steps, head-dim tiles) over the unpadded "
             "7 N^2 D per head; backward DRAM traffic over the minimum (q, k, v, o, dO read, dq, dk, dv "
             "written once), its per-program scratch counted as L2-resident.", "",
             "| B*H | N | D | forward | backward | MMA work | bwd traffic | GB (min) | programs | scratch MB | verdict |",

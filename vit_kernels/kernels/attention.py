@@ -24,6 +24,15 @@ K), so 197 keys cost 208, not 256. Only the wgmma N and K dimensions can shrink 
 rows per warpgroup. So the forward tails its key loop (keys are N of q k^T and K of p v) and
 pads its query blocks; the backward does the opposite (see ``_attention_bwd``).
 
+Head-dim tiles. Triton tiles are powers of two, so a head dim that is not one is held as two
+tiles where that pads less (``head_dim_tiles``): lanes [0, BLOCK_D) and [BLOCK_D, +BLOCK_E), e.g.
+80 = 64 + 16 (ViT-H/14) rather than 128 lanes, which cost 1.6x the MMA work, registers and shared
+memory. Every (rows, D) tile below is such a pair ``x, x_e``; dot products over D are the sum of
+two dots, products into D are two dots. With BLOCK_E = 0 the second tile does not exist (its name
+holds the first, unread). One product cannot shrink so: the backward's dq^T = k^T ds^T has the
+lanes as its M, which wgmma wants in multiples of 64, so its second tile runs at 64 lanes
+(``WGMMA_M``), zero past the head dim.
+
 Precision: statistics (m, l, lse, delta) and accumulators are float32 for every input dtype;
 dot operands stay in the input dtype (p and ds are cast to it). float32 dots run with
 ``INPUT_PRECISION`` = "ieee" unless the host passes "tf32" (it follows PyTorch's
@@ -51,17 +60,29 @@ from .gemm import num_programs
 MIN_HEAD_DIM, MAX_HEAD_DIM = 16, 128
 # Tokens per tail step: wgmma's N is a multiple of 8 and its K (for 16-bit operands) of 16.
 TAIL = tl.constexpr(16)
+# wgmma's M: 64 rows per warpgroup; a dot with fewer leaves wgmma for mma.sync (HMMA).
+WGMMA_M = tl.constexpr(64)
 # Backward programs per SM: each keeps one head's (D, N) float32 dq partial sum in a scratch
 # slot that stays in L2 (2 x 132 x 52 KB at N = 197, D = 64).
 BWD_PROGRAMS_PER_SM = 2
+# Head-dim lanes up to which the backward accumulates dk and dv in one pass over the queries
+# (see ``_bwd_key_block``): the most whose kept configs compile without spills.
+ONE_PASS_LANES = tl.constexpr(64)
 
 
-def head_dim_block(head_dim: int) -> int:
-    """The padded (power-of-two) head-dim tile; raises past the supported range."""
+def head_dim_tiles(head_dim: int) -> tuple[int, int]:
+    """(BLOCK_D, BLOCK_E): the lanes of the head dim's two tiles (BLOCK_E = 0: one tile), the
+    fewest lanes in powers of two; raises past the supported range.
+
+    80 -> (64, 16), 96 -> (64, 32), 48 -> (32, 16), 64 -> (64, 0); 112 -> (128, 0), since
+    64 + 64 pads as much as one tile and costs more dots."""
     if not MIN_HEAD_DIM <= head_dim <= MAX_HEAD_DIM:
         raise ValueError(f"head_dim is {head_dim}; the attention kernel supports "
                          f"{MIN_HEAD_DIM} <= head_dim <= {MAX_HEAD_DIM}")
-    return triton.next_power_of_2(head_dim)
+    whole = triton.next_power_of_2(head_dim)
+    first = whole if whole == head_dim else whole // 2
+    second = max(TAIL.value, triton.next_power_of_2(head_dim - first)) if head_dim > first else 0
+    return (first, second) if first + second < whole else (whole, 0)
 
 
 def tailed(n: int, block: int) -> int:
@@ -110,7 +131,7 @@ def _prune(kernel: str):
     def prune(configs, named_args, **flags):
         if len(configs) == 1:
             return configs  # the interpreter's
-        wide = flags["BLOCK_D"] > 64
+        wide = flags["BLOCK_D"] + flags["BLOCK_E"] > 64
         plain = not (flags["DROPOUT"] or flags["Q_NORM"] or flags["K_NORM"] or wide)
         kept = []
         for config in configs:
@@ -132,34 +153,178 @@ def _autotune(kernel: str):
                            prune_configs_by=dict(early_config_prune=_prune(kernel)))
 
 
-@triton.jit
-def _layer_norm_rows(x, W, B, offs_d, d_valid, HEAD_DIM: tl.constexpr, eps):
-    """LayerNorm of every row of the fp32 tile x [rows, BLOCK_D] over its first HEAD_DIM lanes.
+# ---------------------------------------------------------------------------------------------
+# Head-dim tiles: a (rows, D) tile is the pair (x, x_e) of lanes [0, BLOCK_D) and [BLOCK_D, +BLOCK_E).
 
-    Returns (y, xhat, rstd); padded lanes of y and xhat are 0 so they add nothing to dot products.
-    """
-    mean = tl.sum(x, axis=1) / HEAD_DIM
-    xc = tl.where(d_valid[None, :], x - mean[:, None], 0.0)
-    rstd = 1.0 / tl.sqrt(tl.sum(xc * xc, axis=1) / HEAD_DIM + eps)
+@triton.jit
+def _lanes(LO: tl.constexpr, WIDTH: tl.constexpr, HEAD_DIM: tl.constexpr):
+    """Head-dim lanes [LO, LO + WIDTH) and which of them are real (< HEAD_DIM)."""
+    lanes = LO + tl.arange(0, WIDTH)
+    return lanes, lanes < HEAD_DIM
+
+
+@triton.jit
+def _load_rows(base, offs, rows_valid, stride_n, stride_d, LO: tl.constexpr, WIDTH: tl.constexpr,
+               HEAD_DIM: tl.constexpr):
+    """Rows ``offs`` of one head at lanes [LO, +WIDTH); 0 past N and past the head dim."""
+    lanes, valid = _lanes(LO, WIDTH, HEAD_DIM)
+    # 32-bit offsets within a head (the host checks that they fit): 64-bit ones would double
+    # the registers of every hoisted address tensor.
+    ptrs = base + (offs[:, None] * stride_n + lanes[None, :] * stride_d)
+    return tl.load(ptrs, mask=rows_valid[:, None] & valid[None, :], other=0.0)
+
+
+@triton.jit
+def _store_rows(base, x, offs, rows_valid, stride_n, stride_d, LO: tl.constexpr, WIDTH: tl.constexpr,
+                HEAD_DIM: tl.constexpr):
+    lanes, valid = _lanes(LO, WIDTH, HEAD_DIM)
+    ptrs = base + (offs[:, None] * stride_n + lanes[None, :] * stride_d)
+    tl.store(ptrs, x.to(base.dtype.element_ty), mask=rows_valid[:, None] & valid[None, :])
+
+
+@triton.jit
+def _load_tiles(base, offs, rows_valid, stride_n, stride_d, BLOCK_D: tl.constexpr, BLOCK_E: tl.constexpr,
+                HEAD_DIM: tl.constexpr):
+    """Rows ``offs`` of one head as (x, x_e)."""
+    x = _load_rows(base, offs, rows_valid, stride_n, stride_d, 0, BLOCK_D, HEAD_DIM)
+    x_e = x
+    if BLOCK_E > 0:
+        x_e = _load_rows(base, offs, rows_valid, stride_n, stride_d, BLOCK_D, BLOCK_E, HEAD_DIM)
+    return x, x_e
+
+
+@triton.jit
+def _store_tiles(base, x, x_e, offs, rows_valid, stride_n, stride_d, BLOCK_D: tl.constexpr, BLOCK_E: tl.constexpr,
+                 HEAD_DIM: tl.constexpr):
+    _store_rows(base, x, offs, rows_valid, stride_n, stride_d, 0, BLOCK_D, HEAD_DIM)
+    if BLOCK_E > 0:
+        _store_rows(base, x_e, offs, rows_valid, stride_n, stride_d, BLOCK_D, BLOCK_E, HEAD_DIM)
+
+
+@triton.jit
+def _lane_vector(ptr, LO: tl.constexpr, WIDTH: tl.constexpr, HEAD_DIM: tl.constexpr):
+    """Lanes [LO, +WIDTH) of a (D,) vector in fp32, 0 past the head dim."""
+    lanes, valid = _lanes(LO, WIDTH, HEAD_DIM)
+    return tl.load(ptr + lanes, mask=valid, other=0.0).to(tl.float32)
+
+
+@triton.jit
+def _store_vectors(ptr, x, x_e, BLOCK_D: tl.constexpr, BLOCK_E: tl.constexpr, HEAD_DIM: tl.constexpr):
+    """The (D,) vector (x, x_e) to ``ptr``."""
+    lanes, valid = _lanes(0, BLOCK_D, HEAD_DIM)
+    tl.store(ptr + lanes, x, mask=valid)
+    if BLOCK_E > 0:
+        lanes, valid = _lanes(BLOCK_D, BLOCK_E, HEAD_DIM)
+        tl.store(ptr + lanes, x_e, mask=valid)
+
+
+@triton.jit
+def _row_sums(x, x_e, BLOCK_E: tl.constexpr):
+    """Per row, the sum over the head dim of the fp32 tiles (x, x_e)."""
+    total = tl.sum(x, axis=1)
+    if BLOCK_E > 0:
+        total += tl.sum(x_e, axis=1)
+    return total
+
+
+@triton.jit
+def _dot_over_d(a, a_e, b, b_e, BLOCK_E: tl.constexpr, INPUT_PRECISION: tl.constexpr):
+    """a b^T, the dot products of the rows of (a, a_e) with those of (b, b_e): fp32 [rows a, rows b]."""
+    s = tl.dot(a, tl.trans(b), input_precision=INPUT_PRECISION)
+    if BLOCK_E > 0:
+        s += tl.dot(a_e, tl.trans(b_e), input_precision=INPUT_PRECISION)
+    return s
+
+
+@triton.jit
+def _doubled(x):
+    """x [rows, w] followed by w zero lanes: [rows, 2 w]."""
+    # join stacks on a new last axis; moving it before the lanes and merging gives [x, 0].
+    both = tl.permute(tl.join(x, tl.zeros_like(x)), (0, 2, 1))
+    return tl.reshape(both, (x.shape[0], 2 * x.shape[1]))
+
+
+@triton.jit
+def _widened(x, WIDTH: tl.constexpr):
+    """x [rows, w] with zero lanes appended up to WIDTH (at most 4 w)."""
+    if x.shape[1] < WIDTH:
+        x = _doubled(x)
+    if x.shape[1] < WIDTH:
+        x = _doubled(x)
+    return x
+
+
+# ---------------------------------------------------------------------------------------------
+# qk-norm, dropout, addressing.
+
+@triton.jit
+def _centred(x, mean, LO: tl.constexpr, WIDTH: tl.constexpr, HEAD_DIM: tl.constexpr):
+    valid = _lanes(LO, WIDTH, HEAD_DIM)[1]
+    return tl.where(valid[None, :], x - mean[:, None], 0.0)
+
+
+@triton.jit
+def _layer_norm_rows(x, x_e, W, B, eps, BLOCK_D: tl.constexpr, BLOCK_E: tl.constexpr, HEAD_DIM: tl.constexpr):
+    """LayerNorm over the head dim of every row of the fp32 tiles (x, x_e).
+
+    Returns (y, y_e, xhat, xhat_e, rstd); lanes past the head dim of y and xhat are 0, so they add
+    nothing to dot products."""
+    mean = _row_sums(x, x_e, BLOCK_E) / HEAD_DIM
+    xc = _centred(x, mean, 0, BLOCK_D, HEAD_DIM)
+    xc_e = xc
+    if BLOCK_E > 0:
+        xc_e = _centred(x_e, mean, BLOCK_D, BLOCK_E, HEAD_DIM)
+    rstd = 1.0 / tl.sqrt(_row_sums(xc * xc, xc_e * xc_e, BLOCK_E) / HEAD_DIM + eps)
     xhat = xc * rstd[:, None]
-    w = tl.load(W + offs_d, mask=d_valid, other=0.0).to(tl.float32)
-    b = tl.load(B + offs_d, mask=d_valid, other=0.0).to(tl.float32)
-    return xhat * w[None, :] + b[None, :], xhat, rstd
+    y = xhat * _lane_vector(W, 0, BLOCK_D, HEAD_DIM)[None, :] + _lane_vector(B, 0, BLOCK_D, HEAD_DIM)[None, :]
+    xhat_e, y_e = xhat, y
+    if BLOCK_E > 0:
+        xhat_e = xc_e * rstd[:, None]
+        y_e = xhat_e * _lane_vector(W, BLOCK_D, BLOCK_E, HEAD_DIM)[None, :] + \
+            _lane_vector(B, BLOCK_D, BLOCK_E, HEAD_DIM)[None, :]
+    return y, y_e, xhat, xhat_e, rstd
 
 
 @triton.jit
-def _layer_norm_rows_bwd(dy, xhat, rstd, rows_valid, W, offs_d, d_valid, dw, db, HEAD_DIM: tl.constexpr):
-    """(dx, dw, db): dx of the LayerNorm for the fp32 row gradients dy, and this tile's sums
-    added to the running dw, db of the norm's weight and bias."""
-    w = tl.load(W + offs_d, mask=d_valid, other=0.0).to(tl.float32)
+def _layer_norm_rows_bwd(dy, dy_e, xhat, xhat_e, rstd, rows_valid, W, dw, dw_e, db, db_e,
+                         BLOCK_D: tl.constexpr, BLOCK_E: tl.constexpr, HEAD_DIM: tl.constexpr):
+    """(dx, dx_e, dw, dw_e, db, db_e): the LayerNorm's dx for the fp32 row gradients (dy, dy_e),
+    and this tile's sums added to the running (dw, dw_e), (db, db_e) of its weight and bias."""
     # Padded rows hold xhat = 0 but may hold dy != 0: keep them out of dw and db.
     dy = tl.where(rows_valid[:, None], dy, 0.0)
     dw += tl.sum(dy * xhat, axis=0)
     db += tl.sum(dy, axis=0)
-    g = dy * w[None, :]
-    c1 = tl.sum(xhat * g, axis=1) / HEAD_DIM
-    c2 = tl.sum(g, axis=1) / HEAD_DIM
-    return rstd[:, None] * (g - xhat * c1[:, None] - c2[:, None]), dw, db
+    g = dy * _lane_vector(W, 0, BLOCK_D, HEAD_DIM)[None, :]
+    g_e = g
+    if BLOCK_E > 0:
+        dy_e = tl.where(rows_valid[:, None], dy_e, 0.0)
+        dw_e += tl.sum(dy_e * xhat_e, axis=0)
+        db_e += tl.sum(dy_e, axis=0)
+        g_e = dy_e * _lane_vector(W, BLOCK_D, BLOCK_E, HEAD_DIM)[None, :]
+    c1 = _row_sums(xhat * g, xhat_e * g_e, BLOCK_E) / HEAD_DIM
+    c2 = _row_sums(g, g_e, BLOCK_E) / HEAD_DIM
+    dx = rstd[:, None] * (g - xhat * c1[:, None] - c2[:, None])
+    dx_e = dx
+    if BLOCK_E > 0:
+        dx_e = rstd[:, None] * (g_e - xhat_e * c1[:, None] - c2[:, None])
+    return dx, dx_e, dw, dw_e, db, db_e
+
+
+@triton.jit
+def _load_normed_tiles(base, offs, rows_valid, stride_n, stride_d, NORM: tl.constexpr, W, B, eps,
+                       BLOCK_D: tl.constexpr, BLOCK_E: tl.constexpr, HEAD_DIM: tl.constexpr):
+    """(x, x_e, xhat, xhat_e, rstd): rows ``offs`` of one head, LayerNorm-ed when NORM; x keeps the
+    input dtype.
+
+    xhat and rstd (fp32) mean something only with NORM; a caller that does not use them loses
+    them to dead-code elimination."""
+    x, x_e = _load_tiles(base, offs, rows_valid, stride_n, stride_d, BLOCK_D, BLOCK_E, HEAD_DIM)
+    xhat, xhat_e, rstd = x, x_e, x
+    if NORM:
+        y, y_e, xhat, xhat_e, rstd = _layer_norm_rows(x.to(tl.float32), x_e.to(tl.float32), W, B, eps,
+                                                      BLOCK_D, BLOCK_E, HEAD_DIM)
+        x, x_e = y.to(x.dtype), y_e.to(x.dtype)
+    return x, x_e, xhat, xhat_e, rstd
 
 
 @triton.jit
@@ -178,55 +343,28 @@ def _keep(seed, bh, offs_m, start_n, N, dropout_p, BLOCK_N: tl.constexpr):
 
 
 @triton.jit
-def _load_rows(base, offs, rows_valid, stride_n, stride_d, offs_d, d_valid):
-    # 32-bit offsets within a head (the host checks that they fit): 64-bit ones would double
-    # the registers of every hoisted address tensor.
-    ptrs = base + (offs[:, None] * stride_n + offs_d[None, :] * stride_d)
-    return tl.load(ptrs, mask=rows_valid[:, None] & d_valid[None, :], other=0.0)
-
-
-@triton.jit
-def _store_rows(base, x, offs, rows_valid, stride_n, stride_d, offs_d, d_valid):
-    ptrs = base + (offs[:, None] * stride_n + offs_d[None, :] * stride_d)
-    tl.store(ptrs, x.to(base.dtype.element_ty), mask=rows_valid[:, None] & d_valid[None, :])
-
-
-@triton.jit
-def _load_normed_rows(base, offs, rows_valid, stride_n, stride_d, offs_d, d_valid, NORM: tl.constexpr,
-                      W, B, eps, HEAD_DIM: tl.constexpr):
-    """(x, xhat, rstd): rows ``offs`` of one head, LayerNorm-ed when NORM; x keeps the input dtype.
-
-    xhat and rstd (fp32) mean something only with NORM; a caller that does not use them loses
-    them to dead-code elimination."""
-    x = _load_rows(base, offs, rows_valid, stride_n, stride_d, offs_d, d_valid)
-    xhat = x
-    rstd = x
-    if NORM:
-        normed, xhat, rstd = _layer_norm_rows(x.to(tl.float32), W, B, offs_d, d_valid, HEAD_DIM, eps)
-        x = normed.to(x.dtype)
-    return x, xhat, rstd
-
-
-@triton.jit
 def _head_base(ptr, bh, H, stride_b, stride_h):
     # 64-bit: b * stride_b passes 2^31 for large batches of packed projections.
     return ptr + (bh // H).to(tl.int64) * stride_b + (bh % H).to(tl.int64) * stride_h
 
 
+# ---------------------------------------------------------------------------------------------
+# Forward.
+
 @triton.jit
-def _fwd_step(q, K, V, start_n, N, stride_kn, stride_kd, stride_vn, stride_vd, offs_d, d_valid, m_i, l_i, acc,
+def _fwd_step(q, q_e, K, V, start_n, N, stride_kn, stride_kd, stride_vn, stride_vd, m_i, l_i, acc, acc_e,
               seed, bh, offs_m, qk_scale, dropout_p, KW, KB, k_eps,
-              HEAD_DIM: tl.constexpr, K_NORM: tl.constexpr, DROPOUT: tl.constexpr, INPUT_PRECISION: tl.constexpr,
-              BLOCK_N: tl.constexpr, MASKED: tl.constexpr):
-    """One online-softmax step over keys [start_n, +BLOCK_N): the new (m_i, l_i, acc).
+              HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_E: tl.constexpr, K_NORM: tl.constexpr,
+              DROPOUT: tl.constexpr, INPUT_PRECISION: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr):
+    """One online-softmax step over keys [start_n, +BLOCK_N): the new (m_i, l_i, acc, acc_e).
 
     MASKED: some of the keys lie past N (the tail steps); full blocks skip the -inf select."""
     offs_n = start_n + tl.arange(0, BLOCK_N)
     n_valid = offs_n < N
-    k = _load_normed_rows(K, offs_n, n_valid, stride_kn, stride_kd, offs_d, d_valid, K_NORM, KW, KB, k_eps,
-                          HEAD_DIM)[0]
-    v = _load_rows(V, offs_n, n_valid, stride_vn, stride_vd, offs_d, d_valid)
-    s = tl.dot(q, tl.trans(k), input_precision=INPUT_PRECISION) * qk_scale
+    k, k_e, _, _, _ = _load_normed_tiles(K, offs_n, n_valid, stride_kn, stride_kd, K_NORM, KW, KB, k_eps,
+                                         BLOCK_D, BLOCK_E, HEAD_DIM)
+    v, v_e = _load_tiles(V, offs_n, n_valid, stride_vn, stride_vd, BLOCK_D, BLOCK_E, HEAD_DIM)
+    s = _dot_over_d(q, q_e, k, k_e, BLOCK_E, INPUT_PRECISION) * qk_scale
     if MASKED:
         # Keys past N get -inf so exp2 gives them exactly zero weight. Every step has at least
         # one real key, so the row max stays finite (no -inf - -inf).
@@ -238,8 +376,11 @@ def _fwd_step(q, K, V, start_n, N, stride_kn, stride_kd, stride_vn, stride_vd, o
     if DROPOUT:
         # The normaliser l keeps the dropped weights; 1 / (1 - p) is applied once at the end.
         p = tl.where(_keep(seed, bh, offs_m, start_n, N, dropout_p, BLOCK_N), p, 0.0)
-    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=INPUT_PRECISION)
-    return m_new, l_i, acc
+    p = p.to(v.dtype)
+    acc = acc * alpha[:, None] + tl.dot(p, v, input_precision=INPUT_PRECISION)
+    if BLOCK_E > 0:
+        acc_e = acc_e * alpha[:, None] + tl.dot(p, v_e, input_precision=INPUT_PRECISION)
+    return m_new, l_i, acc, acc_e
 
 
 @_autotune("fwd")
@@ -257,7 +398,8 @@ def _attention_fwd(
     H, N,                           # heads, tokens
     qk_scale,                       # softmax scale * log2(e)
     q_eps, k_eps, dropout_p,
-    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,  # D and its power-of-two tile
+    HEAD_DIM: tl.constexpr,         # D
+    BLOCK_D: tl.constexpr, BLOCK_E: tl.constexpr,   # head_dim_tiles(D)
     Q_NORM: tl.constexpr, K_NORM: tl.constexpr, DROPOUT: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,  # of the dots: "ieee" or "tf32" (float32 inputs only)
     BLOCK_M: tl.constexpr,          # query rows per program
@@ -273,55 +415,75 @@ def _attention_fwd(
     V = _head_base(V, bh, H, stride_vb, stride_vh)
     O = _head_base(O, bh, H, stride_ob, stride_oh)
     offs_m = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, BLOCK_D)
     m_valid = offs_m < N
-    d_valid = offs_d < HEAD_DIM
 
-    q = _load_normed_rows(Q, offs_m, m_valid, stride_qn, stride_qd, offs_d, d_valid, Q_NORM, QW, QB, q_eps,
-                          HEAD_DIM)[0]
+    q, q_e, _, _, _ = _load_normed_tiles(Q, offs_m, m_valid, stride_qn, stride_qd, Q_NORM, QW, QB, q_eps,
+                                         BLOCK_D, BLOCK_E, HEAD_DIM)
     seed = tl.load(SEED) if DROPOUT else 0
 
     # Statistics in fp32 whatever the input dtype; m starts at -inf so the first alpha is 0.
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    acc_e = acc
+    if BLOCK_E > 0:
+        acc_e = tl.zeros([BLOCK_M, BLOCK_E], tl.float32)
     full_end = N // BLOCK_N * BLOCK_N
     for start_n in range(0, full_end, BLOCK_N):
-        m_i, l_i, acc = _fwd_step(q, K, V, start_n, N, stride_kn, stride_kd, stride_vn, stride_vd, offs_d, d_valid,
-                                  m_i, l_i, acc, seed, bh, offs_m, qk_scale, dropout_p, KW, KB, k_eps,
-                                  HEAD_DIM, K_NORM, DROPOUT, INPUT_PRECISION, BLOCK_N, False)
+        m_i, l_i, acc, acc_e = _fwd_step(q, q_e, K, V, start_n, N, stride_kn, stride_kd, stride_vn, stride_vd,
+                                         m_i, l_i, acc, acc_e, seed, bh, offs_m, qk_scale, dropout_p, KW, KB, k_eps,
+                                         HEAD_DIM, BLOCK_D, BLOCK_E, K_NORM, DROPOUT, INPUT_PRECISION, BLOCK_N,
+                                         False)
     for start_n in range(full_end, N, TAIL):
-        m_i, l_i, acc = _fwd_step(q, K, V, start_n, N, stride_kn, stride_kd, stride_vn, stride_vd, offs_d, d_valid,
-                                  m_i, l_i, acc, seed, bh, offs_m, qk_scale, dropout_p, KW, KB, k_eps,
-                                  HEAD_DIM, K_NORM, DROPOUT, INPUT_PRECISION, TAIL, True)
+        m_i, l_i, acc, acc_e = _fwd_step(q, q_e, K, V, start_n, N, stride_kn, stride_kd, stride_vn, stride_vd,
+                                         m_i, l_i, acc, acc_e, seed, bh, offs_m, qk_scale, dropout_p, KW, KB, k_eps,
+                                         HEAD_DIM, BLOCK_D, BLOCK_E, K_NORM, DROPOUT, INPUT_PRECISION, TAIL, True)
 
     if DROPOUT:
-        acc = acc / (l_i * (1.0 - dropout_p))[:, None]
+        inverse = 1.0 / (l_i * (1.0 - dropout_p))
     else:
-        acc = acc / l_i[:, None]
-    _store_rows(O, acc, offs_m, m_valid, stride_on, stride_od, offs_d, d_valid)
+        inverse = 1.0 / l_i
+    _store_tiles(O, acc * inverse[:, None], acc_e * inverse[:, None], offs_m, m_valid, stride_on, stride_od,
+                 BLOCK_D, BLOCK_E, HEAD_DIM)
     tl.store(LSE + bh.to(tl.int64) * N + offs_m, m_i + tl.log2(l_i), mask=m_valid)
 
 
+# ---------------------------------------------------------------------------------------------
+# Backward.
+
 @triton.jit
-def _bwd_pair(k, v, dk, dv, Q, DO, LSE, delta_rows, dqt_rows, start_n, start_m, N, rows,
-              stride_qn, stride_qd, stride_don, stride_dod, n_valid, offs_d, d_valid, seed, bh, qk_scale, dropout_p,
-              DROPOUT: tl.constexpr, INPUT_PRECISION: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_Q: tl.constexpr,
+def _add_to_dqt(dqt_rows, dqt, offs_m, m_valid, start_n, rows, LO: tl.constexpr, WIDTH: tl.constexpr,
+                HEAD_DIM: tl.constexpr):
+    """dq^T [lanes LO, +WIDTH; queries offs_m] added to its partial sum in the scratch."""
+    lanes, valid = _lanes(LO, WIDTH, HEAD_DIM)
+    ptrs = dqt_rows + lanes[:, None] * rows + offs_m[None, :]
+    mask = valid[:, None] & m_valid[None, :]
+    # The first key block has no partial sum yet (the scratch holds another head's, or nothing).
+    dqt += tl.load(ptrs, mask=mask & (start_n > 0), other=0.0)
+    tl.store(ptrs, dqt, mask=mask)
+
+
+@triton.jit
+def _bwd_pair(k, k_e, k_dq, v, v_e, dk, dk_e, dv, dv_e, Q, DO, LSE, delta_rows, dqt_rows, start_n, start_m, N,
+              rows, stride_qn, stride_qd, stride_don, stride_dod, n_valid, seed, bh, qk_scale, dropout_p,
+              HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_E: tl.constexpr, DROPOUT: tl.constexpr,
+              INPUT_PRECISION: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_Q: tl.constexpr,
               DV: tl.constexpr, DKDQ: tl.constexpr):
     """The (key block, query step [start_m, +BLOCK_Q)) pair: with DV, dv accumulated; with DKDQ,
     dk accumulated and the step's dq^T / scale added to its partial sum in the scratch.
-    Returns (dk, dv). q is read as it enters the dots (normalised already with a q-norm).
+    Returns (dk, dk_e, dv, dv_e). q is read as it enters the dots (normalised already with a
+    q-norm); k_dq is k_e widened to WGMMA_M lanes, the M of dq^T's second tile.
 
     Scores are transposed, s^T [BLOCK_N keys, BLOCK_Q queries], so that the query step is the
     N (and K) of every GEMM and may be a TAIL: dv += pd^T dO, dk += ds^T q, dq^T = k^T ds^T.
     """
     offs_m = start_m + tl.arange(0, BLOCK_Q)
     m_valid = offs_m < N
-    q = _load_rows(Q, offs_m, m_valid, stride_qn, stride_qd, offs_d, d_valid)
-    do = _load_rows(DO, offs_m, m_valid, stride_don, stride_dod, offs_d, d_valid)
+    q, q_e = _load_tiles(Q, offs_m, m_valid, stride_qn, stride_qd, BLOCK_D, BLOCK_E, HEAD_DIM)
+    do, do_e = _load_tiles(DO, offs_m, m_valid, stride_don, stride_dod, BLOCK_D, BLOCK_E, HEAD_DIM)
     lse = tl.load(LSE + offs_m, mask=m_valid, other=0.0)
 
-    st = tl.dot(k, tl.trans(q), input_precision=INPUT_PRECISION) * qk_scale
+    st = _dot_over_d(k, k_e, q, q_e, BLOCK_E, INPUT_PRECISION) * qk_scale
     # Padded queries and padded keys (whose normed k is the bias, not 0) get p = 0, so they
     # reach no gradient and none of the norms' sums.
     pt = tl.where(n_valid[:, None] & m_valid[None, :], tl.exp2(st - lse[None, :]), 0.0)
@@ -331,82 +493,102 @@ def _bwd_pair(k, v, dk, dv, Q, DO, LSE, delta_rows, dqt_rows, start_n, start_m, 
         pdt = pt
         if DROPOUT:
             pdt = tl.where(keep, pt / (1.0 - dropout_p), 0.0)
-        dv += tl.dot(pdt.to(do.dtype), do, input_precision=INPUT_PRECISION)
+        pdt = pdt.to(do.dtype)
+        dv += tl.dot(pdt, do, input_precision=INPUT_PRECISION)
+        if BLOCK_E > 0:
+            dv_e += tl.dot(pdt, do_e, input_precision=INPUT_PRECISION)
     if DKDQ:
         delta = tl.load(delta_rows + offs_m, mask=m_valid, other=0.0)
-        dpt = tl.dot(v, tl.trans(do), input_precision=INPUT_PRECISION)
+        dpt = _dot_over_d(v, v_e, do, do_e, BLOCK_E, INPUT_PRECISION)
         if DROPOUT:
             dpt = tl.where(keep, dpt / (1.0 - dropout_p), 0.0)
         dst = (pt * (dpt - delta[None, :])).to(q.dtype)
         dk += tl.dot(dst, q, input_precision=INPUT_PRECISION)
-        dqt = tl.dot(tl.trans(k), dst, input_precision=INPUT_PRECISION)
-        # The first key block has no partial sum yet (the scratch holds another head's, or nothing).
-        dqt_ptrs = dqt_rows + offs_d[:, None] * rows + offs_m[None, :]
-        dqt += tl.load(dqt_ptrs, mask=(start_n > 0) & d_valid[:, None] & m_valid[None, :], other=0.0)
-        tl.store(dqt_ptrs, dqt, mask=d_valid[:, None] & m_valid[None, :])
-    return dk, dv
+        _add_to_dqt(dqt_rows, tl.dot(tl.trans(k), dst, input_precision=INPUT_PRECISION), offs_m, m_valid, start_n,
+                    rows, 0, BLOCK_D, HEAD_DIM)
+        if BLOCK_E > 0:
+            dk_e += tl.dot(dst, q_e, input_precision=INPUT_PRECISION)
+            _add_to_dqt(dqt_rows, tl.dot(tl.trans(k_dq), dst, input_precision=INPUT_PRECISION), offs_m, m_valid,
+                        start_n, rows, BLOCK_D, WGMMA_M, HEAD_DIM)
+    return dk, dk_e, dv, dv_e
 
 
 @triton.jit
-def _bwd_queries(k, v, dk, dv, Q, DO, LSE, delta_rows, dqt_rows, start_n, N, rows, stride_qn, stride_qd,
-                 stride_don, stride_dod, n_valid, offs_d, d_valid, seed, bh, qk_scale, dropout_p,
-                 DROPOUT: tl.constexpr, INPUT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+def _bwd_queries(k, k_e, k_dq, v, v_e, dk, dk_e, dv, dv_e, Q, DO, LSE, delta_rows, dqt_rows, start_n, N, rows,
+                 stride_qn, stride_qd, stride_don, stride_dod, n_valid, seed, bh, qk_scale, dropout_p,
+                 HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_E: tl.constexpr, DROPOUT: tl.constexpr,
+                 INPUT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                  DV: tl.constexpr, DKDQ: tl.constexpr):
-    """``_bwd_pair`` over every query: full BLOCK_M steps, then TAIL steps. Returns (dk, dv)."""
+    """``_bwd_pair`` over every query: full BLOCK_M steps, then TAIL steps. Returns (dk, dk_e, dv, dv_e)."""
     # TAIL-sized full steps run to N (the pair masks anyway): one loop, not two.
     full_end = N
     if BLOCK_M > TAIL:
         full_end = N // BLOCK_M * BLOCK_M
     for start_m in range(0, full_end, BLOCK_M):
-        dk, dv = _bwd_pair(k, v, dk, dv, Q, DO, LSE, delta_rows, dqt_rows, start_n, start_m, N, rows, stride_qn,
-                           stride_qd, stride_don, stride_dod, n_valid, offs_d, d_valid, seed, bh, qk_scale, dropout_p,
-                           DROPOUT, INPUT_PRECISION, BLOCK_N, BLOCK_M, DV, DKDQ)
+        dk, dk_e, dv, dv_e = _bwd_pair(k, k_e, k_dq, v, v_e, dk, dk_e, dv, dv_e, Q, DO, LSE, delta_rows, dqt_rows,
+                                       start_n, start_m, N, rows, stride_qn, stride_qd, stride_don, stride_dod,
+                                       n_valid, seed, bh, qk_scale, dropout_p, HEAD_DIM, BLOCK_D, BLOCK_E, DROPOUT,
+                                       INPUT_PRECISION, BLOCK_N, BLOCK_M, DV, DKDQ)
     if BLOCK_M > TAIL:
         for start_m in range(full_end, N, TAIL):
-            dk, dv = _bwd_pair(k, v, dk, dv, Q, DO, LSE, delta_rows, dqt_rows, start_n, start_m, N, rows,
-                               stride_qn, stride_qd, stride_don, stride_dod, n_valid, offs_d, d_valid, seed, bh,
-                               qk_scale, dropout_p, DROPOUT, INPUT_PRECISION, BLOCK_N, TAIL, DV, DKDQ)
-    return dk, dv
+            dk, dk_e, dv, dv_e = _bwd_pair(k, k_e, k_dq, v, v_e, dk, dk_e, dv, dv_e, Q, DO, LSE, delta_rows,
+                                           dqt_rows, start_n, start_m, N, rows, stride_qn, stride_qd, stride_don,
+                                           stride_dod, n_valid, seed, bh, qk_scale, dropout_p, HEAD_DIM, BLOCK_D,
+                                           BLOCK_E, DROPOUT, INPUT_PRECISION, BLOCK_N, TAIL, DV, DKDQ)
+    return dk, dk_e, dv, dv_e
 
 
 @triton.jit
-def _bwd_key_block(Q, K, V, DO, LSE, delta_rows, dqt_rows, DK, DV, start_n, N, rows, k_dw, k_db,
+def _bwd_key_block(Q, K, V, DO, LSE, delta_rows, dqt_rows, DK, DV, start_n, N, rows, k_dw, k_dw_e, k_db, k_db_e,
                    stride_qn, stride_qd, stride_kn, stride_kd, stride_vn, stride_vd, stride_don, stride_dod,
-                   stride_dkn, stride_dkd, stride_dvn, stride_dvd, offs_d, d_valid, seed, bh, scale, qk_scale,
-                   dropout_p, KW, KB, k_eps, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, K_NORM: tl.constexpr,
-                   DROPOUT: tl.constexpr, INPUT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
-                   BLOCK_N: tl.constexpr):
+                   stride_dkn, stride_dkd, stride_dvn, stride_dvd, seed, bh, scale, qk_scale,
+                   dropout_p, KW, KB, k_eps, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_E: tl.constexpr,
+                   K_NORM: tl.constexpr, DROPOUT: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """dk, dv of keys [start_n, +BLOCK_N) over every query, stored; dq's partial sums updated.
-    Returns the k-norm's running (dw, db) with this block's sums added.
+    Returns the k-norm's running (dw, dw_e, db, db_e) with this block's sums added.
 
-    Above 64 lanes of head dim, dv takes its own pass over the queries (scores computed twice,
-    6 GEMMs per pair instead of 5): dk and dv together are 2 x 64 x 128 float32 accumulators,
-    all of a warpgroup's registers at 128 per thread, and every tile spilled."""
+    Above ONE_PASS_LANES lanes of head dim, dv takes its own pass over the queries (scores
+    computed twice, 6 GEMMs per pair instead of 5): dk and dv together are 2 x 64 x 128 float32
+    accumulators at 128 lanes, all of a warpgroup's registers, and every tile spilled."""
     offs_n = start_n + tl.arange(0, BLOCK_N)
     n_valid = offs_n < N
-    k = _load_normed_rows(K, offs_n, n_valid, stride_kn, stride_kd, offs_d, d_valid, K_NORM, KW, KB, k_eps,
-                          HEAD_DIM)[0]
-    v = _load_rows(V, offs_n, n_valid, stride_vn, stride_vd, offs_d, d_valid)
+    k, k_e, _, _, _ = _load_normed_tiles(K, offs_n, n_valid, stride_kn, stride_kd, K_NORM, KW, KB, k_eps,
+                                         BLOCK_D, BLOCK_E, HEAD_DIM)
+    k_dq = k_e
+    if BLOCK_E > 0:
+        k_dq = _widened(k_e, WGMMA_M)
+    v, v_e = _load_tiles(V, offs_n, n_valid, stride_vn, stride_vd, BLOCK_D, BLOCK_E, HEAD_DIM)
     dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
-    # dv (with dk and dq in the same pass at 64 lanes or fewer), then dk and dq on their own above.
-    dk, dv = _bwd_queries(k, v, dk, dv, Q, DO, LSE, delta_rows, dqt_rows, start_n, N, rows, stride_qn, stride_qd,
-                          stride_don, stride_dod, n_valid, offs_d, d_valid, seed, bh, qk_scale, dropout_p, DROPOUT,
-                          INPUT_PRECISION, BLOCK_M, BLOCK_N, True, BLOCK_D <= 64)
-    _store_rows(DV, dv, offs_n, n_valid, stride_dvn, stride_dvd, offs_d, d_valid)
-    if BLOCK_D > 64:
-        dk, dv = _bwd_queries(k, v, dk, dv, Q, DO, LSE, delta_rows, dqt_rows, start_n, N, rows, stride_qn, stride_qd,
-                              stride_don, stride_dod, n_valid, offs_d, d_valid, seed, bh, qk_scale, dropout_p,
-                              DROPOUT, INPUT_PRECISION, BLOCK_M, BLOCK_N, False, True)
+    dk_e, dv_e = dk, dv
+    if BLOCK_E > 0:
+        dk_e = tl.zeros([BLOCK_N, BLOCK_E], tl.float32)
+        dv_e = tl.zeros([BLOCK_N, BLOCK_E], tl.float32)
+    # dv (with dk and dq in the same pass up to ONE_PASS_LANES lanes), then dk and dq on their own above.
+    dk, dk_e, dv, dv_e = _bwd_queries(k, k_e, k_dq, v, v_e, dk, dk_e, dv, dv_e, Q, DO, LSE, delta_rows, dqt_rows,
+                                      start_n, N, rows, stride_qn, stride_qd, stride_don, stride_dod, n_valid, seed,
+                                      bh, qk_scale, dropout_p, HEAD_DIM, BLOCK_D, BLOCK_E, DROPOUT, INPUT_PRECISION,
+                                      BLOCK_M, BLOCK_N, True, BLOCK_D + BLOCK_E <= ONE_PASS_LANES)
+    _store_tiles(DV, dv, dv_e, offs_n, n_valid, stride_dvn, stride_dvd, BLOCK_D, BLOCK_E, HEAD_DIM)
+    if BLOCK_D + BLOCK_E > ONE_PASS_LANES:
+        dk, dk_e, dv, dv_e = _bwd_queries(k, k_e, k_dq, v, v_e, dk, dk_e, dv, dv_e, Q, DO, LSE, delta_rows,
+                                          dqt_rows, start_n, N, rows, stride_qn, stride_qd, stride_don, stride_dod,
+                                          n_valid, seed, bh, qk_scale, dropout_p, HEAD_DIM, BLOCK_D, BLOCK_E,
+                                          DROPOUT, INPUT_PRECISION, BLOCK_M, BLOCK_N, False, True)
     dk *= scale
+    if BLOCK_E > 0:
+        dk_e *= scale
     if K_NORM:
-        # Normalised again (from L2) rather than kept: k_hat would hold BLOCK_N x BLOCK_D floats
+        # Normalised again (from L2) rather than kept: k_hat would hold BLOCK_N x D floats
         # of registers through the query loop.
-        _, k_hat, k_rstd = _load_normed_rows(K, offs_n, n_valid, stride_kn, stride_kd, offs_d, d_valid, K_NORM,
-                                             KW, KB, k_eps, HEAD_DIM)
-        dk, k_dw, k_db = _layer_norm_rows_bwd(dk, k_hat, k_rstd, n_valid, KW, offs_d, d_valid, k_dw, k_db, HEAD_DIM)
-    _store_rows(DK, dk, offs_n, n_valid, stride_dkn, stride_dkd, offs_d, d_valid)
-    return k_dw, k_db
+        _, _, k_hat, k_hat_e, k_rstd = _load_normed_tiles(K, offs_n, n_valid, stride_kn, stride_kd, K_NORM, KW, KB,
+                                                          k_eps, BLOCK_D, BLOCK_E, HEAD_DIM)
+        dk, dk_e, k_dw, k_dw_e, k_db, k_db_e = _layer_norm_rows_bwd(dk, dk_e, k_hat, k_hat_e, k_rstd, n_valid, KW,
+                                                                    k_dw, k_dw_e, k_db, k_db_e, BLOCK_D, BLOCK_E,
+                                                                    HEAD_DIM)
+    _store_tiles(DK, dk, dk_e, offs_n, n_valid, stride_dkn, stride_dkd, BLOCK_D, BLOCK_E, HEAD_DIM)
+    return k_dw, k_dw_e, k_db, k_db_e
 
 
 @_autotune("bwd")
@@ -417,8 +599,8 @@ def _attention_bwd(
     DQ, DK, DV,                     # (B, H, N, D) out
     SEED, QW, QB, KW, KB,           # as in _attention_fwd
     NORM_GRADS,                     # (B * H, 2, 2, D) fp32 out: per head, [q-norm, k-norm] x [dw, db]
-    SCRATCH,                        # (programs, (1 + BLOCK_D) * rows) fp32: per program, delta and dq^T
-    NORMED_Q,                       # (programs, rows, BLOCK_D) in q's dtype: the normalised q (Q_NORM only)
+    SCRATCH,                        # (programs, (1 + BLOCK_D + BLOCK_E) * rows) fp32: per program, delta and dq^T
+    NORMED_Q,                       # (programs, rows, BLOCK_D + BLOCK_E) in q's dtype: the normalised q (Q_NORM only)
     stride_qb, stride_qh, stride_qn, stride_qd,     # (batch, head, token, feature) strides of q, k, v,
     stride_kb, stride_kh, stride_kn, stride_kd,     # o, dO, dq, dk, dv
     stride_vb, stride_vh, stride_vn, stride_vd,
@@ -431,8 +613,8 @@ def _attention_bwd(
     rows,                           # scratch_rows(N): N rounded up to TAIL
     scale, qk_scale,                # softmax scale; scale * log2(e)
     q_eps, k_eps, dropout_p,
-    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, Q_NORM: tl.constexpr, K_NORM: tl.constexpr,
-    DROPOUT: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_E: tl.constexpr, Q_NORM: tl.constexpr,
+    K_NORM: tl.constexpr, DROPOUT: tl.constexpr, INPUT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr,          # queries per full inner step
     BLOCK_N: tl.constexpr,          # keys per block
 ):
@@ -447,7 +629,7 @@ def _attention_bwd(
          blocks so far is read from, and written back to, the scratch slot;
       3. dq_i read back from the scratch as rows, scaled, taken through the q-norm into DQ.
     Each pair's scores are computed once (5 GEMMs per pair, not the 7 of a split dk/dv + dq
-    backward; 6 above 64 lanes, see ``_bwd_key_block``), delta costs no launch, every sum
+    backward; 6 above ONE_PASS_LANES, see ``_bwd_key_block``), delta costs no launch, every sum
     runs in a fixed order (no atomics: bitwise deterministic), and each of q, k, v, o, dO is
     read from DRAM once: the program's re-reads of a head's q and dO (one per key block) and
     its scratch slot (2 x 132 slots, 52 KB each at N = 197, D = 64) stay in L2. Programs are
@@ -456,11 +638,9 @@ def _attention_bwd(
     leaves most SMs idle. Barriers order the scratch's writes and reads between threads.
     """
     pid = tl.program_id(0)
-    offs_d = tl.arange(0, BLOCK_D)
-    d_valid = offs_d < HEAD_DIM
-    delta_rows = SCRATCH + pid.to(tl.int64) * (1 + BLOCK_D) * rows
+    delta_rows = SCRATCH + pid.to(tl.int64) * (1 + BLOCK_D + BLOCK_E) * rows
     dqt_rows = delta_rows + rows
-    normed_q_rows = NORMED_Q + pid.to(tl.int64) * rows * BLOCK_D
+    normed_q_rows = NORMED_Q + pid.to(tl.int64) * rows * (BLOCK_D + BLOCK_E)
     seed = tl.load(SEED) if DROPOUT else 0
     for head in range(pid, BH, tl.num_programs(0)):
         bh = tl.cast(head, tl.int64)  # a tensor in the interpreter too, and 64-bit for the offsets
@@ -473,13 +653,16 @@ def _attention_bwd(
         for start_m in range(0, N, BLOCK_M):
             offs_m = start_m + tl.arange(0, BLOCK_M)
             m_valid = offs_m < N
-            o = _load_rows(o_ptr, offs_m, m_valid, stride_on, stride_od, offs_d, d_valid)
-            do = _load_rows(do_ptr, offs_m, m_valid, stride_don, stride_dod, offs_d, d_valid)
-            tl.store(delta_rows + offs_m, tl.sum(o.to(tl.float32) * do.to(tl.float32), axis=1), mask=m_valid)
+            o, o_e = _load_tiles(o_ptr, offs_m, m_valid, stride_on, stride_od, BLOCK_D, BLOCK_E, HEAD_DIM)
+            do, do_e = _load_tiles(do_ptr, offs_m, m_valid, stride_don, stride_dod, BLOCK_D, BLOCK_E, HEAD_DIM)
+            delta = _row_sums(o.to(tl.float32) * do.to(tl.float32), o_e.to(tl.float32) * do_e.to(tl.float32),
+                              BLOCK_E)
+            tl.store(delta_rows + offs_m, delta, mask=m_valid)
             if Q_NORM:
-                q = _load_normed_rows(q_ptr, offs_m, m_valid, stride_qn, stride_qd, offs_d, d_valid, Q_NORM, QW,
-                                      QB, q_eps, HEAD_DIM)[0]
-                _store_rows(normed_q_rows, q, offs_m, m_valid, BLOCK_D, 1, offs_d, d_valid)
+                q, q_e, _, _, _ = _load_normed_tiles(q_ptr, offs_m, m_valid, stride_qn, stride_qd, Q_NORM, QW, QB,
+                                                     q_eps, BLOCK_D, BLOCK_E, HEAD_DIM)
+                _store_tiles(normed_q_rows, q, q_e, offs_m, m_valid, BLOCK_D + BLOCK_E, 1, BLOCK_D, BLOCK_E,
+                             HEAD_DIM)
         # The scratch is written and read by different threads of the program.
         tl.debug_barrier()
 
@@ -489,38 +672,50 @@ def _attention_bwd(
         # The dots read q from the scratch when it is normalised (once per head, not per key block).
         q_dots, stride_dots_n, stride_dots_d = q_ptr, stride_qn, stride_qd
         if Q_NORM:
-            q_dots, stride_dots_n, stride_dots_d = normed_q_rows, BLOCK_D, 1
+            q_dots, stride_dots_n, stride_dots_d = normed_q_rows, BLOCK_D + BLOCK_E, 1
         k_dw = tl.zeros([BLOCK_D], tl.float32)
         k_db = tl.zeros([BLOCK_D], tl.float32)
+        k_dw_e, k_db_e = k_dw, k_db
+        if BLOCK_E > 0:
+            k_dw_e = tl.zeros([BLOCK_E], tl.float32)
+            k_db_e = tl.zeros([BLOCK_E], tl.float32)
         for start_n in range(0, N, BLOCK_N):
-            k_dw, k_db = _bwd_key_block(q_dots, k_ptr, v_ptr, do_ptr, lse_ptr, delta_rows, dqt_rows, dk_ptr, dv_ptr,
-                                        start_n, N, rows, k_dw, k_db, stride_dots_n, stride_dots_d, stride_kn,
-                                        stride_kd, stride_vn, stride_vd, stride_don, stride_dod, stride_dkn,
-                                        stride_dkd, stride_dvn, stride_dvd, offs_d, d_valid, seed, bh, scale, qk_scale,
-                                        dropout_p, KW, KB, k_eps, HEAD_DIM, BLOCK_D, K_NORM, DROPOUT,
-                                        INPUT_PRECISION, BLOCK_M, BLOCK_N)
+            k_dw, k_dw_e, k_db, k_db_e = _bwd_key_block(
+                q_dots, k_ptr, v_ptr, do_ptr, lse_ptr, delta_rows, dqt_rows, dk_ptr, dv_ptr, start_n, N, rows,
+                k_dw, k_dw_e, k_db, k_db_e, stride_dots_n, stride_dots_d, stride_kn, stride_kd, stride_vn, stride_vd,
+                stride_don, stride_dod, stride_dkn, stride_dkd, stride_dvn, stride_dvd, seed, bh, scale, qk_scale,
+                dropout_p, KW, KB, k_eps, HEAD_DIM, BLOCK_D, BLOCK_E, K_NORM, DROPOUT, INPUT_PRECISION,
+                BLOCK_M, BLOCK_N)
             tl.debug_barrier()
 
         # dq: the scratch's dq^T read back as rows, scaled, taken through the q-norm.
         q_dw = tl.zeros([BLOCK_D], tl.float32)
         q_db = tl.zeros([BLOCK_D], tl.float32)
+        q_dw_e, q_db_e = q_dw, q_db
+        if BLOCK_E > 0:
+            q_dw_e = tl.zeros([BLOCK_E], tl.float32)
+            q_db_e = tl.zeros([BLOCK_E], tl.float32)
         for start_m in range(0, N, BLOCK_M):
             offs_m = start_m + tl.arange(0, BLOCK_M)
             m_valid = offs_m < N
-            dq = tl.load(dqt_rows + offs_m[:, None] + offs_d[None, :] * rows,
-                         mask=m_valid[:, None] & d_valid[None, :], other=0.0) * scale
+            # dq^T is (lanes, rows): read as rows, its token stride is 1 and its lane stride rows.
+            dq, dq_e = _load_tiles(dqt_rows, offs_m, m_valid, 1, rows, BLOCK_D, BLOCK_E, HEAD_DIM)
+            dq *= scale
+            if BLOCK_E > 0:
+                dq_e *= scale
             if Q_NORM:
-                _, q_hat, q_rstd = _load_normed_rows(q_ptr, offs_m, m_valid, stride_qn, stride_qd, offs_d, d_valid,
-                                                     Q_NORM, QW, QB, q_eps, HEAD_DIM)
-                dq, q_dw, q_db = _layer_norm_rows_bwd(dq, q_hat, q_rstd, m_valid, QW, offs_d, d_valid, q_dw, q_db,
-                                                      HEAD_DIM)
-            _store_rows(dq_ptr, dq, offs_m, m_valid, stride_dqn, stride_dqd, offs_d, d_valid)
-        grads = NORM_GRADS + bh.to(tl.int64) * 4 * HEAD_DIM + offs_d
+                _, _, q_hat, q_hat_e, q_rstd = _load_normed_tiles(q_ptr, offs_m, m_valid, stride_qn, stride_qd,
+                                                                  Q_NORM, QW, QB, q_eps, BLOCK_D, BLOCK_E, HEAD_DIM)
+                dq, dq_e, q_dw, q_dw_e, q_db, q_db_e = _layer_norm_rows_bwd(dq, dq_e, q_hat, q_hat_e, q_rstd, m_valid,
+                                                                            QW, q_dw, q_dw_e, q_db, q_db_e, BLOCK_D,
+                                                                            BLOCK_E, HEAD_DIM)
+            _store_tiles(dq_ptr, dq, dq_e, offs_m, m_valid, stride_dqn, stride_dqd, BLOCK_D, BLOCK_E, HEAD_DIM)
+        grads = NORM_GRADS + bh.to(tl.int64) * 4 * HEAD_DIM
         if Q_NORM:
-            tl.store(grads, q_dw, mask=d_valid)
-            tl.store(grads + HEAD_DIM, q_db, mask=d_valid)
+            _store_vectors(grads, q_dw, q_dw_e, BLOCK_D, BLOCK_E, HEAD_DIM)
+            _store_vectors(grads + HEAD_DIM, q_db, q_db_e, BLOCK_D, BLOCK_E, HEAD_DIM)
         if K_NORM:
-            tl.store(grads + 2 * HEAD_DIM, k_dw, mask=d_valid)
-            tl.store(grads + 3 * HEAD_DIM, k_db, mask=d_valid)
+            _store_vectors(grads + 2 * HEAD_DIM, k_dw, k_dw_e, BLOCK_D, BLOCK_E, HEAD_DIM)
+            _store_vectors(grads + 3 * HEAD_DIM, k_db, k_db_e, BLOCK_D, BLOCK_E, HEAD_DIM)
         # The next head's delta overwrites the scratch this head's last block read.
         tl.debug_barrier()

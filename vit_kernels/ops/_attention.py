@@ -39,7 +39,8 @@ LOG2E = math.log2(math.e)
 def _constants(q: Tensor, norms, dropout_p: float) -> dict:
     """The kernels' constexpr flags; ``norms`` is ((q_w, q_b, q_eps), (k_w, k_b, k_eps)), None w = no norm."""
     (qw, _, _), (kw, _, _) = norms
-    return dict(HEAD_DIM=q.shape[-1], BLOCK_D=kernels.head_dim_block(q.shape[-1]), Q_NORM=qw is not None,
+    block_d, block_e = kernels.head_dim_tiles(q.shape[-1])
+    return dict(HEAD_DIM=q.shape[-1], BLOCK_D=block_d, BLOCK_E=block_e, Q_NORM=qw is not None,
                 K_NORM=kw is not None, DROPOUT=dropout_p > 0, INPUT_PRECISION=backend.dot_precision(q.dtype))
 
 
@@ -68,11 +69,12 @@ def _launch_bwd(do, q, k, v, o, lse, dq, dk, dv, seed, scale, dropout_p, norms):
     consts = _constants(q, norms, dropout_p)
     programs = kernels.backward_programs(B * H, q.device)
     rows = kernels.scratch_rows(N)
+    lanes = consts["BLOCK_D"] + consts["BLOCK_E"]
     # Per program: delta and the (D, N) float32 partial sum of dq^T (see _attention_bwd).
-    scratch = lse.new_empty(programs, (1 + consts["BLOCK_D"]) * rows)
+    scratch = lse.new_empty(programs, (1 + lanes) * rows)
     # Per head: [q-norm, k-norm] x [dw, db]; the kernel writes those of the norms that exist.
     norm_grads = lse.new_zeros((B * H, 2, 2, D) if qw is not None or kw is not None else (1, 2, 2, D))
-    normed_q = q.new_empty((programs, rows, consts["BLOCK_D"]) if qw is not None else (0,))
+    normed_q = q.new_empty((programs, rows, lanes) if qw is not None else (0,))
     backend.launcher(kernels._attention_bwd)[(programs,)](
         q, k, v, o, do, lse, dq, dk, dv, seed, qw, qb, kw, kb, norm_grads, scratch, normed_q,
         *q.stride(), *k.stride(), *v.stride(), *o.stride(), *do.stride(), *dq.stride(), *dk.stride(), *dv.stride(),
@@ -229,7 +231,7 @@ def attention(q: Tensor, k: Tensor, v: Tensor, scale: Optional[float] = None, dr
     _check_dropout(dropout_p)
     if not backend.runs_kernels("attention", q, dots=True):
         return reference.attention(q, k, v, scale, dropout_p)
-    kernels.head_dim_block(q.shape[-1])
+    kernels.head_dim_tiles(q.shape[-1])
     if k.shape[2] != q.shape[2]:
         raise ValueError(f"k has {k.shape[2]} tokens; the attention kernel expects q's {q.shape[2]}")
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
@@ -256,7 +258,7 @@ def qkv_attention(qkv: Tensor, num_heads: int, scale: Optional[float] = None,
     _check_dropout(dropout_p)
     if not backend.runs_kernels("qkv_attention", qkv, dots=True):
         return reference.qkv_attention(qkv, num_heads, scale, dropout_p, q_norm, k_norm)
-    kernels.head_dim_block(head_dim)
+    kernels.head_dim_tiles(head_dim)
     scale = head_dim ** -0.5 if scale is None else float(scale)
     seed = _seed(qkv, dropout_p)
     # timm passes nn.Identity() when qk_norm is off.
