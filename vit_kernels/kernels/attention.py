@@ -95,6 +95,11 @@ def padded(n: int, block: int) -> int:
     return triton.cdiv(n, block) * block
 
 
+def forward_programs(n: int, block_m: int) -> int:
+    """Forward programs per head: one per full query block, one per TAIL queries past them."""
+    return n // block_m + triton.cdiv(n % block_m, TAIL.value)
+
+
 def scratch_rows(n: int) -> int:
     return padded(n, TAIL.value)
 
@@ -237,20 +242,19 @@ def _dot_over_d(a, a_e, b, b_e, BLOCK_E: tl.constexpr, INPUT_PRECISION: tl.const
 
 
 @triton.jit
-def _doubled(x):
-    """x [rows, w] followed by w zero lanes: [rows, 2 w]."""
-    # join stacks on a new last axis; moving it before the lanes and merging gives [x, 0].
-    both = tl.permute(tl.join(x, tl.zeros_like(x)), (0, 2, 1))
-    return tl.reshape(both, (x.shape[0], 2 * x.shape[1]))
+def _first_half(x):
+    """The first half of the vector x."""
+    first, _ = tl.split(tl.permute(tl.reshape(x, (2, x.shape[0] // 2)), (1, 0)))
+    return first
 
 
 @triton.jit
-def _widened(x, WIDTH: tl.constexpr):
-    """x [rows, w] with zero lanes appended up to WIDTH (at most 4 w)."""
-    if x.shape[1] < WIDTH:
-        x = _doubled(x)
-    if x.shape[1] < WIDTH:
-        x = _doubled(x)
+def _narrowed(x, WIDTH: tl.constexpr):
+    """The first WIDTH elements of the vector x (at least a quarter of it)."""
+    if x.shape[0] > WIDTH:
+        x = _first_half(x)
+    if x.shape[0] > WIDTH:
+        x = _first_half(x)
     return x
 
 
@@ -383,6 +387,92 @@ def _fwd_step(q, q_e, K, V, start_n, N, stride_kn, stride_kd, stride_vn, stride_
     return m_new, l_i, acc, acc_e
 
 
+@triton.jit
+def _fwd_query_block(Q, K, V, O, LSE, start_m, N, stride_qn, stride_qd, stride_kn, stride_kd, stride_vn, stride_vd,
+                     stride_on, stride_od, seed, bh, qk_scale, dropout_p, QW, QB, q_eps, KW, KB, k_eps,
+                     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_E: tl.constexpr, Q_NORM: tl.constexpr,
+                     K_NORM: tl.constexpr, DROPOUT: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """o and lse of the full query block [start_m, +BLOCK_M): full key blocks, then key tails."""
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    m_valid = offs_m < N
+    q, q_e, _, _, _ = _load_normed_tiles(Q, offs_m, m_valid, stride_qn, stride_qd, Q_NORM, QW, QB, q_eps,
+                                         BLOCK_D, BLOCK_E, HEAD_DIM)
+    # Statistics in fp32 whatever the input dtype; m starts at -inf so the first alpha is 0.
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    acc_e = acc
+    if BLOCK_E > 0:
+        acc_e = tl.zeros([BLOCK_M, BLOCK_E], tl.float32)
+    full_end = N // BLOCK_N * BLOCK_N
+    for start_n in range(0, full_end, BLOCK_N):
+        m_i, l_i, acc, acc_e = _fwd_step(q, q_e, K, V, start_n, N, stride_kn, stride_kd, stride_vn, stride_vd,
+                                         m_i, l_i, acc, acc_e, seed, bh, offs_m, qk_scale, dropout_p, KW, KB, k_eps,
+                                         HEAD_DIM, BLOCK_D, BLOCK_E, K_NORM, DROPOUT, INPUT_PRECISION, BLOCK_N,
+                                         False)
+    for start_n in range(full_end, N, TAIL):
+        m_i, l_i, acc, acc_e = _fwd_step(q, q_e, K, V, start_n, N, stride_kn, stride_kd, stride_vn, stride_vd,
+                                         m_i, l_i, acc, acc_e, seed, bh, offs_m, qk_scale, dropout_p, KW, KB, k_eps,
+                                         HEAD_DIM, BLOCK_D, BLOCK_E, K_NORM, DROPOUT, INPUT_PRECISION, TAIL, True)
+    if DROPOUT:
+        inverse = 1.0 / (l_i * (1.0 - dropout_p))
+    else:
+        inverse = 1.0 / l_i
+    _store_tiles(O, acc * inverse[:, None], acc_e * inverse[:, None], offs_m, m_valid, stride_on, stride_od,
+                 BLOCK_D, BLOCK_E, HEAD_DIM)
+    tl.store(LSE + offs_m, m_i + tl.log2(l_i), mask=m_valid)
+
+
+@triton.jit
+def _fwd_query_tail(Q, K, V, O, LSE, start_m, N, stride_qn, stride_qd, stride_kn, stride_kd, stride_vn, stride_vd,
+                    stride_on, stride_od, seed, bh, qk_scale, dropout_p, QW, QB, q_eps, KW, KB, k_eps,
+                    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, WIDE_E: tl.constexpr, Q_NORM: tl.constexpr,
+                    K_NORM: tl.constexpr, DROPOUT: tl.constexpr, INPUT_PRECISION: tl.constexpr):
+    """o and lse of the TAIL queries [start_m, +TAIL) past the last full query block.
+
+    Scores are transposed, s^T [WGMMA_M keys, TAIL queries], so that the queries are the N of
+    both GEMMs (s^T = k q^T, o^T = v^T p^T): 16 rows, not a 64-row block of which few are real.
+    Keys become the M, in WGMMA_M steps, the last one masked; the lanes are the M of o^T, so a
+    second head-dim tile runs at WIDE_E = WGMMA_M lanes."""
+    offs_m = start_m + tl.arange(0, TAIL)
+    m_valid = offs_m < N
+    q, q_e, _, _, _ = _load_normed_tiles(Q, offs_m, m_valid, stride_qn, stride_qd, Q_NORM, QW, QB, q_eps,
+                                         BLOCK_D, WIDE_E, HEAD_DIM)
+    m_i = tl.full([TAIL], float("-inf"), tl.float32)
+    l_i = tl.zeros([TAIL], tl.float32)
+    acc = tl.zeros([BLOCK_D, TAIL], tl.float32)
+    acc_e = acc
+    if WIDE_E > 0:
+        acc_e = tl.zeros([WIDE_E, TAIL], tl.float32)
+    for start_n in range(0, N, WGMMA_M):
+        offs_n = start_n + tl.arange(0, WGMMA_M)
+        n_valid = offs_n < N
+        k, k_e, _, _, _ = _load_normed_tiles(K, offs_n, n_valid, stride_kn, stride_kd, K_NORM, KW, KB, k_eps,
+                                             BLOCK_D, WIDE_E, HEAD_DIM)
+        v, v_e = _load_tiles(V, offs_n, n_valid, stride_vn, stride_vd, BLOCK_D, WIDE_E, HEAD_DIM)
+        st = _dot_over_d(k, k_e, q, q_e, WIDE_E, INPUT_PRECISION) * qk_scale
+        st = tl.where(n_valid[:, None], st, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(st, axis=0))
+        alpha = tl.exp2(m_i - m_new)
+        pt = tl.exp2(st - m_new[None, :])
+        l_i = l_i * alpha + tl.sum(pt, axis=0)
+        if DROPOUT:
+            pt = tl.where(tl.trans(_keep(seed, bh, offs_m, start_n, N, dropout_p, WGMMA_M)), pt, 0.0)
+        pt = pt.to(v.dtype)
+        acc = acc * alpha[None, :] + tl.dot(tl.trans(v), pt, input_precision=INPUT_PRECISION)
+        if WIDE_E > 0:
+            acc_e = acc_e * alpha[None, :] + tl.dot(tl.trans(v_e), pt, input_precision=INPUT_PRECISION)
+        m_i = m_new
+    if DROPOUT:
+        inverse = 1.0 / (l_i * (1.0 - dropout_p))
+    else:
+        inverse = 1.0 / l_i
+    _store_tiles(O, tl.trans(acc * inverse[None, :]), tl.trans(acc_e * inverse[None, :]), offs_m, m_valid,
+                 stride_on, stride_od, BLOCK_D, WIDE_E, HEAD_DIM)
+    tl.store(LSE + offs_m, m_i + tl.log2(l_i), mask=m_valid)
+
+
 @_autotune("fwd")
 @triton.jit
 def _attention_fwd(
@@ -405,62 +495,50 @@ def _attention_fwd(
     BLOCK_M: tl.constexpr,          # query rows per program
     BLOCK_N: tl.constexpr,          # keys per full step
 ):
-    """o and lse of query rows [pid_m * BLOCK_M, +BLOCK_M) of head bh: full key blocks, then tails.
+    """o and lse of head bh: program pid_m < N // BLOCK_M takes query block pid_m, each later one
+    the next TAIL queries past the full blocks (``_fwd_query_tail``).
 
-    Grid (B * H, cdiv(N, BLOCK_M)): the large B * H product is axis 0 (axes 1 and 2 stop at 65,535).
+    Grid (B * H, forward_programs(N, BLOCK_M)): the large B * H product is axis 0 (axes 1 and 2
+    stop at 65,535).
     """
     bh = tl.program_id(0)
     Q = _head_base(Q, bh, H, stride_qb, stride_qh)
     K = _head_base(K, bh, H, stride_kb, stride_kh)
     V = _head_base(V, bh, H, stride_vb, stride_vh)
     O = _head_base(O, bh, H, stride_ob, stride_oh)
-    offs_m = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
-    m_valid = offs_m < N
-
-    q, q_e, _, _, _ = _load_normed_tiles(Q, offs_m, m_valid, stride_qn, stride_qd, Q_NORM, QW, QB, q_eps,
-                                         BLOCK_D, BLOCK_E, HEAD_DIM)
+    LSE += bh.to(tl.int64) * N
     seed = tl.load(SEED) if DROPOUT else 0
-
-    # Statistics in fp32 whatever the input dtype; m starts at -inf so the first alpha is 0.
-    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
-    l_i = tl.zeros([BLOCK_M], tl.float32)
-    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-    acc_e = acc
-    if BLOCK_E > 0:
-        acc_e = tl.zeros([BLOCK_M, BLOCK_E], tl.float32)
-    full_end = N // BLOCK_N * BLOCK_N
-    for start_n in range(0, full_end, BLOCK_N):
-        m_i, l_i, acc, acc_e = _fwd_step(q, q_e, K, V, start_n, N, stride_kn, stride_kd, stride_vn, stride_vd,
-                                         m_i, l_i, acc, acc_e, seed, bh, offs_m, qk_scale, dropout_p, KW, KB, k_eps,
-                                         HEAD_DIM, BLOCK_D, BLOCK_E, K_NORM, DROPOUT, INPUT_PRECISION, BLOCK_N,
-                                         False)
-    for start_n in range(full_end, N, TAIL):
-        m_i, l_i, acc, acc_e = _fwd_step(q, q_e, K, V, start_n, N, stride_kn, stride_kd, stride_vn, stride_vd,
-                                         m_i, l_i, acc, acc_e, seed, bh, offs_m, qk_scale, dropout_p, KW, KB, k_eps,
-                                         HEAD_DIM, BLOCK_D, BLOCK_E, K_NORM, DROPOUT, INPUT_PRECISION, TAIL, True)
-
-    if DROPOUT:
-        inverse = 1.0 / (l_i * (1.0 - dropout_p))
+    full_blocks = N // BLOCK_M
+    pid_m = tl.program_id(1)
+    if pid_m < full_blocks:
+        _fwd_query_block(Q, K, V, O, LSE, pid_m * BLOCK_M, N, stride_qn, stride_qd, stride_kn, stride_kd, stride_vn,
+                         stride_vd, stride_on, stride_od, seed, bh, qk_scale, dropout_p, QW, QB, q_eps, KW, KB, k_eps,
+                         HEAD_DIM, BLOCK_D, BLOCK_E, Q_NORM, K_NORM, DROPOUT, INPUT_PRECISION, BLOCK_M, BLOCK_N)
     else:
-        inverse = 1.0 / l_i
-    _store_tiles(O, acc * inverse[:, None], acc_e * inverse[:, None], offs_m, m_valid, stride_on, stride_od,
-                 BLOCK_D, BLOCK_E, HEAD_DIM)
-    tl.store(LSE + bh.to(tl.int64) * N + offs_m, m_i + tl.log2(l_i), mask=m_valid)
+        _fwd_query_tail(Q, K, V, O, LSE, full_blocks * BLOCK_M + (pid_m - full_blocks) * TAIL, N, stride_qn,
+                        stride_qd, stride_kn, stride_kd, stride_vn, stride_vd, stride_on, stride_od, seed, bh,
+                        qk_scale, dropout_p, QW, QB, q_eps, KW, KB, k_eps, HEAD_DIM, BLOCK_D,
+                        WGMMA_M if BLOCK_E > 0 else 0, Q_NORM, K_NORM, DROPOUT, INPUT_PRECISION)
 
 
 # ---------------------------------------------------------------------------------------------
 # Backward.
 
 @triton.jit
-def _add_to_dqt(dqt_rows, dqt, offs_m, m_valid, start_n, rows, LO: tl.constexpr, WIDTH: tl.constexpr,
-                HEAD_DIM: tl.constexpr):
-    """dq^T [lanes LO, +WIDTH; queries offs_m] added to its partial sum in the scratch."""
+def _add_to_dq(dqt_rows, dq, offs_m, m_valid, start_n, rows, LO: tl.constexpr, WIDTH: tl.constexpr,
+               HEAD_DIM: tl.constexpr, TRANSPOSED: tl.constexpr):
+    """dq of queries offs_m at lanes [LO, +WIDTH), [queries, lanes] or with TRANSPOSED [lanes, queries],
+    added to its partial sum in the scratch (which holds dq^T: lane stride rows, token stride 1)."""
     lanes, valid = _lanes(LO, WIDTH, HEAD_DIM)
-    ptrs = dqt_rows + lanes[:, None] * rows + offs_m[None, :]
-    mask = valid[:, None] & m_valid[None, :]
+    if TRANSPOSED:
+        ptrs = dqt_rows + lanes[:, None] * rows + offs_m[None, :]
+        mask = valid[:, None] & m_valid[None, :]
+    else:
+        ptrs = dqt_rows + offs_m[:, None] + lanes[None, :] * rows
+        mask = m_valid[:, None] & valid[None, :]
     # The first key block has no partial sum yet (the scratch holds another head's, or nothing).
-    dqt += tl.load(ptrs, mask=mask & (start_n > 0), other=0.0)
-    tl.store(ptrs, dqt, mask=mask)
+    dq += tl.load(ptrs, mask=mask & (start_n > 0), other=0.0)
+    tl.store(ptrs, dq, mask=mask)
 
 
 @triton.jit
@@ -504,12 +582,12 @@ def _bwd_pair(k, k_e, k_dq, v, v_e, dk, dk_e, dv, dv_e, Q, DO, LSE, delta_rows, 
             dpt = tl.where(keep, dpt / (1.0 - dropout_p), 0.0)
         dst = (pt * (dpt - delta[None, :])).to(q.dtype)
         dk += tl.dot(dst, q, input_precision=INPUT_PRECISION)
-        _add_to_dqt(dqt_rows, tl.dot(tl.trans(k), dst, input_precision=INPUT_PRECISION), offs_m, m_valid, start_n,
-                    rows, 0, BLOCK_D, HEAD_DIM)
+        _add_to_dq(dqt_rows, tl.dot(tl.trans(k), dst, input_precision=INPUT_PRECISION), offs_m, m_valid, start_n,
+                   rows, 0, BLOCK_D, HEAD_DIM, True)
         if BLOCK_E > 0:
             dk_e += tl.dot(dst, q_e, input_precision=INPUT_PRECISION)
-            _add_to_dqt(dqt_rows, tl.dot(tl.trans(k_dq), dst, input_precision=INPUT_PRECISION), offs_m, m_valid,
-                        start_n, rows, BLOCK_D, WGMMA_M, HEAD_DIM)
+            _add_to_dq(dqt_rows, tl.dot(tl.trans(k_dq), dst, input_precision=INPUT_PRECISION), offs_m, m_valid,
+                       start_n, rows, BLOCK_D, WGMMA_M, HEAD_DIM, True)
     return dk, dk_e, dv, dv_e
 
 
@@ -557,7 +635,8 @@ def _bwd_key_block(Q, K, V, DO, LSE, delta_rows, dqt_rows, DK, DV, start_n, N, r
                                          BLOCK_D, BLOCK_E, HEAD_DIM)
     k_dq = k_e
     if BLOCK_E > 0:
-        k_dq = _widened(k_e, WGMMA_M)
+        _, k_dq, _, _, _ = _load_normed_tiles(K, offs_n, n_valid, stride_kn, stride_kd, K_NORM, KW, KB, k_eps,
+                                              BLOCK_D, WGMMA_M, HEAD_DIM)
     v, v_e = _load_tiles(V, offs_n, n_valid, stride_vn, stride_vd, BLOCK_D, BLOCK_E, HEAD_DIM)
     dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
@@ -588,6 +667,80 @@ def _bwd_key_block(Q, K, V, DO, LSE, delta_rows, dqt_rows, DK, DV, start_n, N, r
                                                                     k_dw, k_dw_e, k_db, k_db_e, BLOCK_D, BLOCK_E,
                                                                     HEAD_DIM)
     _store_tiles(DK, dk, dk_e, offs_n, n_valid, stride_dkn, stride_dkd, BLOCK_D, BLOCK_E, HEAD_DIM)
+    return k_dw, k_dw_e, k_db, k_db_e
+
+
+@triton.jit
+def _bwd_key_tail(Q, K, V, DO, LSE, delta_rows, dqt_rows, DK, DV, start_n, N, rows, k_dw, k_dw_e, k_db, k_db_e,
+                  stride_qn, stride_qd, stride_kn, stride_kd, stride_vn, stride_vd, stride_don, stride_dod,
+                  stride_dkn, stride_dkd, stride_dvn, stride_dvd, seed, bh, scale, qk_scale,
+                  dropout_p, KW, KB, k_eps, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_E: tl.constexpr,
+                  WIDE_E: tl.constexpr, K_NORM: tl.constexpr, DROPOUT: tl.constexpr, INPUT_PRECISION: tl.constexpr):
+    """dk, dv of the TAIL keys [start_n, +TAIL) past the last full key block, stored; dq's partial
+    sums updated. Returns the k-norm's running (dw, dw_e, db, db_e) with these keys' sums added.
+
+    Scores are not transposed here, s [WGMMA_M queries, TAIL keys], so that the keys are the N of
+    every GEMM (dv^T += dO^T pd, dk^T += q^T ds, dq += ds k): 16 keys, not a 64-key block of which
+    few are real. Queries become the M, in WGMMA_M steps; the lanes are the M of dv^T and dk^T,
+    so a second head-dim tile runs at WIDE_E = WGMMA_M lanes."""
+    offs_n = start_n + tl.arange(0, TAIL)
+    n_valid = offs_n < N
+    k, k_e, _, _, _ = _load_normed_tiles(K, offs_n, n_valid, stride_kn, stride_kd, K_NORM, KW, KB, k_eps,
+                                         BLOCK_D, WIDE_E, HEAD_DIM)
+    v, v_e = _load_tiles(V, offs_n, n_valid, stride_vn, stride_vd, BLOCK_D, WIDE_E, HEAD_DIM)
+    dkt = tl.zeros([BLOCK_D, TAIL], tl.float32)
+    dvt = tl.zeros([BLOCK_D, TAIL], tl.float32)
+    dkt_e, dvt_e = dkt, dvt
+    if WIDE_E > 0:
+        dkt_e = tl.zeros([WIDE_E, TAIL], tl.float32)
+        dvt_e = tl.zeros([WIDE_E, TAIL], tl.float32)
+    for start_m in range(0, N, WGMMA_M):
+        offs_m = start_m + tl.arange(0, WGMMA_M)
+        m_valid = offs_m < N
+        q, q_e = _load_tiles(Q, offs_m, m_valid, stride_qn, stride_qd, BLOCK_D, WIDE_E, HEAD_DIM)
+        do, do_e = _load_tiles(DO, offs_m, m_valid, stride_don, stride_dod, BLOCK_D, WIDE_E, HEAD_DIM)
+        lse = tl.load(LSE + offs_m, mask=m_valid, other=0.0)
+        delta = tl.load(delta_rows + offs_m, mask=m_valid, other=0.0)
+        s = _dot_over_d(q, q_e, k, k_e, WIDE_E, INPUT_PRECISION) * qk_scale
+        p = tl.where(m_valid[:, None] & n_valid[None, :], tl.exp2(s - lse[:, None]), 0.0)
+        dp = _dot_over_d(do, do_e, v, v_e, WIDE_E, INPUT_PRECISION)
+        pd = p
+        if DROPOUT:
+            keep = _keep(seed, bh, offs_m, start_n, N, dropout_p, TAIL)
+            pd = tl.where(keep, p / (1.0 - dropout_p), 0.0)
+            dp = tl.where(keep, dp / (1.0 - dropout_p), 0.0)
+        pd = pd.to(do.dtype)
+        ds = (p * (dp - delta[:, None])).to(q.dtype)
+        dvt += tl.dot(tl.trans(do), pd, input_precision=INPUT_PRECISION)
+        dkt += tl.dot(tl.trans(q), ds, input_precision=INPUT_PRECISION)
+        _add_to_dq(dqt_rows, tl.dot(ds, k, input_precision=INPUT_PRECISION), offs_m, m_valid, start_n, rows,
+                   0, BLOCK_D, HEAD_DIM, False)
+        if WIDE_E > 0:
+            dvt_e += tl.dot(tl.trans(do_e), pd, input_precision=INPUT_PRECISION)
+            dkt_e += tl.dot(tl.trans(q_e), ds, input_precision=INPUT_PRECISION)
+            _add_to_dq(dqt_rows, tl.dot(ds, k_e, input_precision=INPUT_PRECISION), offs_m, m_valid, start_n, rows,
+                       BLOCK_D, WIDE_E, HEAD_DIM, False)
+    _store_tiles(DV, tl.trans(dvt), tl.trans(dvt_e), offs_n, n_valid, stride_dvn, stride_dvd, BLOCK_D, WIDE_E,
+                 HEAD_DIM)
+    dk = tl.trans(dkt) * scale
+    dk_e = dk
+    if WIDE_E > 0:
+        dk_e = tl.trans(dkt_e) * scale
+    if K_NORM:
+        _, _, k_hat, k_hat_e, k_rstd = _load_normed_tiles(K, offs_n, n_valid, stride_kn, stride_kd, K_NORM, KW, KB,
+                                                          k_eps, BLOCK_D, WIDE_E, HEAD_DIM)
+        # The second tile's sums are WIDE_E lanes wide here, BLOCK_E in the running sums.
+        wide_dw_e, wide_db_e = k_dw_e, k_db_e
+        if WIDE_E > 0:
+            wide_dw_e = tl.zeros([WIDE_E], tl.float32)
+            wide_db_e = tl.zeros([WIDE_E], tl.float32)
+        dk, dk_e, k_dw, wide_dw_e, k_db, wide_db_e = _layer_norm_rows_bwd(dk, dk_e, k_hat, k_hat_e, k_rstd, n_valid,
+                                                                          KW, k_dw, wide_dw_e, k_db, wide_db_e,
+                                                                          BLOCK_D, WIDE_E, HEAD_DIM)
+        if WIDE_E > 0:
+            k_dw_e += _narrowed(wide_dw_e, BLOCK_E)
+            k_db_e += _narrowed(wide_db_e, BLOCK_E)
+    _store_tiles(DK, dk, dk_e, offs_n, n_valid, stride_dkn, stride_dkd, BLOCK_D, WIDE_E, HEAD_DIM)
     return k_dw, k_dw_e, k_db, k_db_e
 
 
@@ -679,13 +832,22 @@ def _attention_bwd(
         if BLOCK_E > 0:
             k_dw_e = tl.zeros([BLOCK_E], tl.float32)
             k_db_e = tl.zeros([BLOCK_E], tl.float32)
-        for start_n in range(0, N, BLOCK_N):
+        full_end = N // BLOCK_N * BLOCK_N
+        for start_n in range(0, full_end, BLOCK_N):
             k_dw, k_dw_e, k_db, k_db_e = _bwd_key_block(
                 q_dots, k_ptr, v_ptr, do_ptr, lse_ptr, delta_rows, dqt_rows, dk_ptr, dv_ptr, start_n, N, rows,
                 k_dw, k_dw_e, k_db, k_db_e, stride_dots_n, stride_dots_d, stride_kn, stride_kd, stride_vn, stride_vd,
                 stride_don, stride_dod, stride_dkn, stride_dkd, stride_dvn, stride_dvd, seed, bh, scale, qk_scale,
                 dropout_p, KW, KB, k_eps, HEAD_DIM, BLOCK_D, BLOCK_E, K_NORM, DROPOUT, INPUT_PRECISION,
                 BLOCK_M, BLOCK_N)
+            tl.debug_barrier()
+        for start_n in range(full_end, N, TAIL):
+            k_dw, k_dw_e, k_db, k_db_e = _bwd_key_tail(
+                q_dots, k_ptr, v_ptr, do_ptr, lse_ptr, delta_rows, dqt_rows, dk_ptr, dv_ptr, start_n, N, rows,
+                k_dw, k_dw_e, k_db, k_db_e, stride_dots_n, stride_dots_d, stride_kn, stride_kd, stride_vn, stride_vd,
+                stride_don, stride_dod, stride_dkn, stride_dkd, stride_dvn, stride_dvd, seed, bh, scale, qk_scale,
+                dropout_p, KW, KB, k_eps, HEAD_DIM, BLOCK_D, BLOCK_E, WGMMA_M if BLOCK_E > 0 else 0, K_NORM, DROPOUT,
+                INPUT_PRECISION)
             tl.debug_barrier()
 
         # dq: the scratch's dq^T read back as rows, scaled, taken through the q-norm.

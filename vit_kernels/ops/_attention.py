@@ -55,7 +55,7 @@ def _launch_fwd(q, k, v, o, lse, seed, scale, dropout_p, norms):
     B, H, N, _ = q.shape
     q, k, v = map(_head_offsets_fit, (q, k, v))
     (qw, qb, q_eps), (kw, kb, k_eps) = norms
-    grid = lambda meta: (B * H, triton.cdiv(N, meta["BLOCK_M"]))  # noqa: E731
+    grid = lambda meta: (B * H, kernels.forward_programs(N, meta["BLOCK_M"]))  # noqa: E731
     backend.launcher(kernels._attention_fwd)[grid](
         q, k, v, o, lse, seed, qw, qb, kw, kb, *q.stride(), *k.stride(), *v.stride(), *o.stride(),
         H, N, scale * LOG2E, q_eps, k_eps, dropout_p, **_constants(q, norms, dropout_p))
