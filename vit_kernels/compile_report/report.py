@@ -194,31 +194,23 @@ def waves(recorded: list[launches.Recorded]) -> list[dict]:
 # The backward's traffic bound, and the L2 its scratch must fit in for the traffic model to hold.
 MAX_BACKWARD_TRAFFIC = 1.2
 L2_BYTES = 50 * 1024 * 1024
-
-
-def _attention_mma_lanes(block_d: int, block_e: int) -> tuple[int, int]:
-    """Head-dim lanes the forward's and the backward's GEMMs execute, summed over the GEMMs of one
-    (query block, key block) pair: forward s, o (2); backward s^T, dp^T, dv, dk, dq^T, plus s^T again
-    in dv's own pass above ONE_PASS_LANES (5 or 6), dq^T's second tile at WGMMA_M lanes."""
-    from ..kernels import attention
-
-    lanes = block_d + block_e
-    dq_lanes = block_d + (attention.WGMMA_M.value if block_e else 0)
-    one_pass = lanes <= attention.ONE_PASS_LANES.value
-    return 2 * lanes, (4 if one_pass else 5) * lanes + dq_lanes
+# The MMA work bound (forward and backward over the unpadded 7 N^2 D), at ViT-B/16's shape.
+MAX_MMA_WORK = 1.15
+MMA_WORK_SHAPE = launches.ATTENTION_SHAPES[0]
 
 
 def attention_counts(recorded: list[launches.Recorded]) -> list[dict]:
     """Executed MMA work and modelled backward DRAM traffic of the ``launches.ATTENTION_SHAPES``
     scenarios (bf16), per pair of kept (forward, backward) configs, against the unpadded minimum.
 
-    MMA work: the forward's GEMMs over padded query blocks x tailed keys, the backward's over
-    padded key blocks x tailed queries, at the lanes of ``_attention_mma_lanes``; the minimum is
-    7 N^2 D per head (2 GEMMs forward, 5 backward). Traffic: the backward reads q, k, v, o, dO and
+    MMA work: ``kernels.attention.forward_mma_work`` + ``backward_mma_work`` (blocks, tails and
+    head-dim tiles as the kernels run them) over the unpadded 7 N^2 D per head (2 GEMMs forward,
+    5 backward). Traffic: the backward reads q, k, v, o, dO and
     lse once and writes dq, dk, dv once; its per-program scratch (delta, dq^T, normalised q) is
     counted as L2-resident, which holds while all programs' slots fit in L2 (``scratch_mb`` against
     50 MB). The minimum reads q, k, v, o, dO and writes dq, dk, dv. A traffic ratio above
-    ``MAX_BACKWARD_TRAFFIC`` is a violation."""
+    ``MAX_BACKWARD_TRAFFIC`` is a violation, and so is MMA work above ``MAX_MMA_WORK`` at
+    ``MMA_WORK_SHAPE``."""
     from ..kernels import attention
 
     names = {launches.attention_scenario_name(shape) for shape in launches.ATTENTION_SHAPES}
@@ -227,14 +219,13 @@ def attention_counts(recorded: list[launches.Recorded]) -> list[dict]:
         if rec.scenario in names and rec.precision == "bf16":
             by_scenario[rec.scenario][sm90.kernel_name(rec.launch.kernel).rsplit(".", 1)[-1]] = rec.launch
     rows = []
-    for launched in by_scenario.values():
+    for name, launched in by_scenario.items():
         fwd, bwd = launched.get("_attention_fwd"), launched.get("_attention_bwd")
         if fwd is None or bwd is None:
             continue
         args = {**dict(zip(bwd.kernel.arg_names, bwd.args)), **bwd.kwargs}
         q, heads, n = args["Q"], args["BH"], args["N"]
         d, size = q.shape[-1], q.element_size()
-        fwd_lanes, bwd_lanes = _attention_mma_lanes(args["BLOCK_D"], args["BLOCK_E"])
         minimum_mma = 7 * n * n * d
         minimum_bytes = 8 * n * d * size
         moved_bytes = minimum_bytes + 4 * n   # and lse
@@ -248,13 +239,18 @@ def attention_counts(recorded: list[launches.Recorded]) -> list[dict]:
         for fc in sm90.kept_configs(fwd.kernel, fwd.args, fwd.kwargs):
             for bc in sm90.kept_configs(bwd.kernel, bwd.args, bwd.kwargs):
                 f, b = fc.all_kwargs(), bc.all_kwargs()
-                executed = (fwd_lanes * attention.padded(n, f["BLOCK_M"]) * attention.tailed(n, f["BLOCK_N"]) +
-                            bwd_lanes * attention.padded(n, b["BLOCK_N"]) * attention.tailed(n, b["BLOCK_M"]))
+                tiles = (args["BLOCK_D"], args["BLOCK_E"])
+                executed = attention.forward_mma_work(n, f["BLOCK_M"], f["BLOCK_N"], *tiles) + \
+                    attention.backward_mma_work(n, b["BLOCK_M"], b["BLOCK_N"], *tiles)
+                work = executed / minimum_mma
+                gated = name == launches.attention_scenario_name(MMA_WORK_SHAPE) and work > MAX_MMA_WORK
                 rows.append(dict(heads=heads, N=n, D=d, fwd=_config_label(fc), bwd=_config_label(bc),
-                                 mma_work=round(executed / minimum_mma, 3), traffic=round(traffic, 3),
+                                 mma_work=round(work, 3), traffic=round(traffic, 3),
                                  traffic_gb=round(heads * moved_bytes / 1e9, 3),
                                  minimum_gb=round(heads * minimum_bytes / 1e9, 3), programs=programs,
-                                 scratch_mb=round(scratch / 2**20, 1), violations=violations))
+                                 scratch_mb=round(scratch / 2**20, 1),
+                                 violations=violations + ([f"MMA work {work:.3f}x the unpadded (> {MAX_MMA_WORK}x)"]
+                                                          if gated else [])))
     return rows
 
 
@@ -275,8 +271,9 @@ class Report:
             [dict(kernel="vit_kernels.kernels.gemm._gemm", variant=f"M={w['M']} N={w['N']} K={w['K']} "
                   f"SPLIT_K={w['split_k']}", config=w["config"], violations=w["violations"])
              for w in self.waves if w["violations"]] + \
-            [dict(kernel="vit_kernels.kernels.attention._attention_bwd", variant=f"N={a['N']} D={a['D']}",
-                  config=a["bwd"], violations=a["violations"]) for a in self.attention if a["violations"]]
+            [dict(kernel="vit_kernels.kernels.attention", variant=f"N={a['N']} D={a['D']}",
+                  config=f"{a['fwd']} / {a['bwd']}", violations=a["violations"])
+             for a in self.attention if a["violations"]]
 
 
 def _toolchain() -> dict:

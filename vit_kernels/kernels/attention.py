@@ -95,6 +95,25 @@ def padded(n: int, block: int) -> int:
     return triton.cdiv(n, block) * block
 
 
+def forward_mma_work(n: int, block_m: int, block_n: int, block_d: int, block_e: int) -> int:
+    """Lanes x queries x keys the forward's two GEMMs execute per head (N^2 D is the unpadded work
+    of one): full query blocks over tailed keys, then query tails over WGMMA_M-key blocks."""
+    lanes, tail_lanes = block_d + block_e, block_d + (WGMMA_M.value if block_e else 0)
+    full = n // block_m * block_m
+    return 2 * (lanes * full * tailed(n, block_n) +
+                tail_lanes * (tailed(n, block_m) - full) * padded(n, WGMMA_M.value))
+
+
+def backward_mma_work(n: int, block_m: int, block_n: int, block_d: int, block_e: int) -> int:
+    """Lanes x keys x queries the backward's GEMMs execute per head: full key blocks over tailed
+    queries (s^T, dp^T, dv, dk, dq^T, and s^T again in dv's own pass above ONE_PASS_LANES; dq^T's
+    second tile at WGMMA_M lanes), then key tails over WGMMA_M-query blocks (5 GEMMs)."""
+    lanes, wide = block_d + block_e, block_d + (WGMMA_M.value if block_e else 0)
+    per_pair = (4 if lanes <= ONE_PASS_LANES.value else 5) * lanes + wide
+    full = n // block_n * block_n
+    return per_pair * full * tailed(n, block_m) + 5 * wide * (tailed(n, block_n) - full) * padded(n, WGMMA_M.value)
+
+
 def forward_programs(n: int, block_m: int) -> int:
     """Forward programs per head: one per full query block, one per TAIL queries past them."""
     return n // block_m + triton.cdiv(n % block_m, TAIL.value)
@@ -126,7 +145,7 @@ def _configs(stage: str) -> list:
     else:
         # 16 queries per step: with 32 every backward spilled (24 to 1,120 bytes), the dk, dv
         # accumulators, the dq^T partial and the transposed scores overflowing 255 registers.
-        shapes = [(16, 64, 4, s) for s in (1, 2)]
+        shapes = [(16, 64, 4, s) for s in (1, 2)] + [(16, 64, 8, 1)]
     return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s) for m, n, w, s in shapes]
 
 
