@@ -241,7 +241,7 @@ def attention_counts(recorded: list[launches.Recorded]) -> list[dict]:
                 f, b = fc.all_kwargs(), bc.all_kwargs()
                 tiles = (args["BLOCK_D"], args["BLOCK_E"])
                 executed = attention.forward_mma_work(n, f["BLOCK_M"], f["BLOCK_N"], *tiles) + \
-                    attention.backward_mma_work(n, b["BLOCK_M"], b["BLOCK_N"], *tiles)
+                    attention.backward_mma_work(n, b["BLOCK_M"], b["BLOCK_N"], *tiles, args["KEY_TAILS"])
                 work = executed / minimum_mma
                 gated = name == launches.attention_scenario_name(MMA_WORK_SHAPE) and work > MAX_MMA_WORK
                 rows.append(dict(heads=heads, N=n, D=d, fwd=_config_label(fc), bwd=_config_label(bc),

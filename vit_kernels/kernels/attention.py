@@ -104,14 +104,25 @@ def forward_mma_work(n: int, block_m: int, block_n: int, block_d: int, block_e: 
                 tail_lanes * (tailed(n, block_m) - full) * padded(n, WGMMA_M.value))
 
 
-def backward_mma_work(n: int, block_m: int, block_n: int, block_d: int, block_e: int) -> int:
-    """Lanes x keys x queries the backward's GEMMs execute per head: full key blocks over tailed
+def backward_mma_work(n: int, block_m: int, block_n: int, block_d: int, block_e: int, tails: bool) -> int:
+    """Lanes x keys x queries the backward's GEMMs execute per head: key blocks over tailed
     queries (s^T, dp^T, dv, dk, dq^T, and s^T again in dv's own pass above ONE_PASS_LANES; dq^T's
-    second tile at WGMMA_M lanes), then key tails over WGMMA_M-query blocks (5 GEMMs)."""
+    second tile at WGMMA_M lanes); with ``tails`` (``key_tails``) the last keys as tails over
+    WGMMA_M-query blocks (5 GEMMs), else one padded key block."""
     lanes, wide = block_d + block_e, block_d + (WGMMA_M.value if block_e else 0)
     per_pair = (4 if lanes <= ONE_PASS_LANES.value else 5) * lanes + wide
+    if not tails:
+        return per_pair * padded(n, block_n) * tailed(n, block_m)
     full = n // block_n * block_n
     return per_pair * full * tailed(n, block_m) + 5 * wide * (tailed(n, block_n) - full) * padded(n, WGMMA_M.value)
+
+
+def key_tails(block_d: int, block_e: int, norms: bool) -> bool:
+    """Whether the backward runs the keys past its last full block as 16-key tails
+    (``_bwd_key_tail``) rather than as one padded block: where that compiles without spilling,
+    up to 64 lanes without qk-norm (the sm_90 compile report: with qk-norm or more lanes the
+    tails' [64 queries, D] tiles took the kernel past 255 registers, 16 to 680 bytes of spills)."""
+    return block_d + block_e <= 64 and not norms
 
 
 def forward_programs(n: int, block_m: int) -> int:
@@ -149,22 +160,33 @@ def _configs(stage: str) -> list:
     return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s) for m, n, w, s in shapes]
 
 
+# A forward config is tried only if it executes at most this much more MMA work than the leanest
+# at the launch's N: at N = 197, 128-query blocks leave 69 queries to tails, 7% more than 64.
+MAX_EXTRA_FORWARD_WORK = 1.03
+
+
 def _prune(kernel: str):
     """The early_config_prune of ``kernel`` ("fwd" or "bwd"): the configs that compile without
-    spilling for a launch's flags."""
+    spilling for a launch's flags, and in the forward pad little more than the leanest."""
     def prune(configs, named_args, **flags):
         if len(configs) == 1:
             return configs  # the interpreter's
+        if kernel == "bwd":
+            if flags["KEY_TAILS"]:
+                # With key tails 2 stages spilled (96 bytes), and with dropout so did 4 warps (16).
+                return [c for c in configs if c.num_stages == 1 and (c.num_warps == 8 or not flags["DROPOUT"])]
+            return [c for c in configs if c.num_stages == 1 and c.num_warps == 4]
         wide = flags["BLOCK_D"] + flags["BLOCK_E"] > 64
-        plain = not (flags["DROPOUT"] or flags["Q_NORM"] or flags["K_NORM"] or wide)
+        work = [forward_mma_work(named_args["N"], c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], flags["BLOCK_D"],
+                                 flags["BLOCK_E"]) for c in configs]
         kept = []
-        for config in configs:
+        for config, config_work in zip(configs, work):
             m, n = config.kwargs["BLOCK_M"], config.kwargs["BLOCK_N"]
-            if kernel == "fwd":
-                # More than 32 scores per thread spilled with dropout or 128 lanes.
-                keep = not (flags["DROPOUT"] or wide) or m * n // (32 * config.num_warps) <= 32
-            else:
-                keep = config.num_stages == 1 or plain   # pipelined, all but the plain one spilled
+            # More than 32 scores per thread spilled with dropout or 128 lanes; with dropout and
+            # more than 64 lanes, so did 4 warps (8 to 24 bytes).
+            keep = (not (flags["DROPOUT"] or wide) or m * n // (32 * config.num_warps) <= 32) and \
+                not (flags["DROPOUT"] and wide and config.num_warps == 4) and \
+                config_work <= MAX_EXTRA_FORWARD_WORK * min(work)
             if keep:
                 kept.append(config)
         return kept
@@ -336,18 +358,23 @@ def _layer_norm_rows_bwd(dy, dy_e, xhat, xhat_e, rstd, rows_valid, W, dw, dw_e, 
 @triton.jit
 def _load_normed_tiles(base, offs, rows_valid, stride_n, stride_d, NORM: tl.constexpr, W, B, eps,
                        BLOCK_D: tl.constexpr, BLOCK_E: tl.constexpr, HEAD_DIM: tl.constexpr):
-    """(x, x_e, xhat, xhat_e, rstd): rows ``offs`` of one head, LayerNorm-ed when NORM; x keeps the
-    input dtype.
-
-    xhat and rstd (fp32) mean something only with NORM; a caller that does not use them loses
-    them to dead-code elimination."""
+    """(x, x_e): rows ``offs`` of one head, LayerNorm-ed when NORM, in the input dtype."""
     x, x_e = _load_tiles(base, offs, rows_valid, stride_n, stride_d, BLOCK_D, BLOCK_E, HEAD_DIM)
-    xhat, xhat_e, rstd = x, x_e, x
     if NORM:
-        y, y_e, xhat, xhat_e, rstd = _layer_norm_rows(x.to(tl.float32), x_e.to(tl.float32), W, B, eps,
-                                                      BLOCK_D, BLOCK_E, HEAD_DIM)
+        y, y_e, _, _, _ = _layer_norm_rows(x.to(tl.float32), x_e.to(tl.float32), W, B, eps, BLOCK_D, BLOCK_E,
+                                           HEAD_DIM)
         x, x_e = y.to(x.dtype), y_e.to(x.dtype)
-    return x, x_e, xhat, xhat_e, rstd
+    return x, x_e
+
+
+@triton.jit
+def _load_norm_stats(base, offs, rows_valid, stride_n, stride_d, W, B, eps, BLOCK_D: tl.constexpr,
+                     BLOCK_E: tl.constexpr, HEAD_DIM: tl.constexpr):
+    """(xhat, xhat_e, rstd) of the LayerNorm of rows ``offs`` of one head, fp32 (for its backward)."""
+    x, x_e = _load_tiles(base, offs, rows_valid, stride_n, stride_d, BLOCK_D, BLOCK_E, HEAD_DIM)
+    _, _, xhat, xhat_e, rstd = _layer_norm_rows(x.to(tl.float32), x_e.to(tl.float32), W, B, eps, BLOCK_D, BLOCK_E,
+                                                HEAD_DIM)
+    return xhat, xhat_e, rstd
 
 
 @triton.jit
@@ -384,7 +411,7 @@ def _fwd_step(q, q_e, K, V, start_n, N, stride_kn, stride_kd, stride_vn, stride_
     MASKED: some of the keys lie past N (the tail steps); full blocks skip the -inf select."""
     offs_n = start_n + tl.arange(0, BLOCK_N)
     n_valid = offs_n < N
-    k, k_e, _, _, _ = _load_normed_tiles(K, offs_n, n_valid, stride_kn, stride_kd, K_NORM, KW, KB, k_eps,
+    k, k_e = _load_normed_tiles(K, offs_n, n_valid, stride_kn, stride_kd, K_NORM, KW, KB, k_eps,
                                          BLOCK_D, BLOCK_E, HEAD_DIM)
     v, v_e = _load_tiles(V, offs_n, n_valid, stride_vn, stride_vd, BLOCK_D, BLOCK_E, HEAD_DIM)
     s = _dot_over_d(q, q_e, k, k_e, BLOCK_E, INPUT_PRECISION) * qk_scale
@@ -415,7 +442,7 @@ def _fwd_query_block(Q, K, V, O, LSE, start_m, N, stride_qn, stride_qd, stride_k
     """o and lse of the full query block [start_m, +BLOCK_M): full key blocks, then key tails."""
     offs_m = start_m + tl.arange(0, BLOCK_M)
     m_valid = offs_m < N
-    q, q_e, _, _, _ = _load_normed_tiles(Q, offs_m, m_valid, stride_qn, stride_qd, Q_NORM, QW, QB, q_eps,
+    q, q_e = _load_normed_tiles(Q, offs_m, m_valid, stride_qn, stride_qd, Q_NORM, QW, QB, q_eps,
                                          BLOCK_D, BLOCK_E, HEAD_DIM)
     # Statistics in fp32 whatever the input dtype; m starts at -inf so the first alpha is 0.
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
@@ -456,7 +483,7 @@ def _fwd_query_tail(Q, K, V, O, LSE, start_m, N, stride_qn, stride_qd, stride_kn
     second head-dim tile runs at WIDE_E = WGMMA_M lanes."""
     offs_m = start_m + tl.arange(0, TAIL)
     m_valid = offs_m < N
-    q, q_e, _, _, _ = _load_normed_tiles(Q, offs_m, m_valid, stride_qn, stride_qd, Q_NORM, QW, QB, q_eps,
+    q, q_e = _load_normed_tiles(Q, offs_m, m_valid, stride_qn, stride_qd, Q_NORM, QW, QB, q_eps,
                                          BLOCK_D, WIDE_E, HEAD_DIM)
     m_i = tl.full([TAIL], float("-inf"), tl.float32)
     l_i = tl.zeros([TAIL], tl.float32)
@@ -467,7 +494,7 @@ def _fwd_query_tail(Q, K, V, O, LSE, start_m, N, stride_qn, stride_qd, stride_kn
     for start_n in range(0, N, WGMMA_M):
         offs_n = start_n + tl.arange(0, WGMMA_M)
         n_valid = offs_n < N
-        k, k_e, _, _, _ = _load_normed_tiles(K, offs_n, n_valid, stride_kn, stride_kd, K_NORM, KW, KB, k_eps,
+        k, k_e = _load_normed_tiles(K, offs_n, n_valid, stride_kn, stride_kd, K_NORM, KW, KB, k_eps,
                                              BLOCK_D, WIDE_E, HEAD_DIM)
         v, v_e = _load_tiles(V, offs_n, n_valid, stride_vn, stride_vd, BLOCK_D, WIDE_E, HEAD_DIM)
         st = _dot_over_d(k, k_e, q, q_e, WIDE_E, INPUT_PRECISION) * qk_scale
@@ -544,10 +571,11 @@ def _attention_fwd(
 # Backward.
 
 @triton.jit
-def _add_to_dq(dqt_rows, dq, offs_m, m_valid, start_n, rows, LO: tl.constexpr, WIDTH: tl.constexpr,
-               HEAD_DIM: tl.constexpr, TRANSPOSED: tl.constexpr):
-    """dq of queries offs_m at lanes [LO, +WIDTH), [queries, lanes] or with TRANSPOSED [lanes, queries],
-    added to its partial sum in the scratch (which holds dq^T: lane stride rows, token stride 1)."""
+def _add_to_dq(dqt_rows, a, b, offs_m, m_valid, start_n, rows, LO: tl.constexpr, WIDTH: tl.constexpr,
+               HEAD_DIM: tl.constexpr, TRANSPOSED: tl.constexpr, INPUT_PRECISION: tl.constexpr):
+    """a b, the dq of queries offs_m at lanes [LO, +WIDTH) ([queries, lanes], or with TRANSPOSED
+    [lanes, queries]), added to its partial sum in the scratch (which holds dq^T: lane stride rows,
+    token stride 1). The dot accumulates into the loaded sum: no second tile of registers."""
     lanes, valid = _lanes(LO, WIDTH, HEAD_DIM)
     if TRANSPOSED:
         ptrs = dqt_rows + lanes[:, None] * rows + offs_m[None, :]
@@ -556,8 +584,8 @@ def _add_to_dq(dqt_rows, dq, offs_m, m_valid, start_n, rows, LO: tl.constexpr, W
         ptrs = dqt_rows + offs_m[:, None] + lanes[None, :] * rows
         mask = m_valid[:, None] & valid[None, :]
     # The first key block has no partial sum yet (the scratch holds another head's, or nothing).
-    dq += tl.load(ptrs, mask=mask & (start_n > 0), other=0.0)
-    tl.store(ptrs, dq, mask=mask)
+    partial = tl.load(ptrs, mask=mask & (start_n > 0), other=0.0)
+    tl.store(ptrs, tl.dot(a, b, partial, input_precision=INPUT_PRECISION), mask=mask)
 
 
 @triton.jit
@@ -601,12 +629,12 @@ def _bwd_pair(k, k_e, k_dq, v, v_e, dk, dk_e, dv, dv_e, Q, DO, LSE, delta_rows, 
             dpt = tl.where(keep, dpt / (1.0 - dropout_p), 0.0)
         dst = (pt * (dpt - delta[None, :])).to(q.dtype)
         dk += tl.dot(dst, q, input_precision=INPUT_PRECISION)
-        _add_to_dq(dqt_rows, tl.dot(tl.trans(k), dst, input_precision=INPUT_PRECISION), offs_m, m_valid, start_n,
-                   rows, 0, BLOCK_D, HEAD_DIM, True)
+        _add_to_dq(dqt_rows, tl.trans(k), dst, offs_m, m_valid, start_n, rows, 0, BLOCK_D, HEAD_DIM, True,
+                   INPUT_PRECISION)
         if BLOCK_E > 0:
             dk_e += tl.dot(dst, q_e, input_precision=INPUT_PRECISION)
-            _add_to_dq(dqt_rows, tl.dot(tl.trans(k_dq), dst, input_precision=INPUT_PRECISION), offs_m, m_valid,
-                       start_n, rows, BLOCK_D, WGMMA_M, HEAD_DIM, True)
+            _add_to_dq(dqt_rows, tl.trans(k_dq), dst, offs_m, m_valid, start_n, rows, BLOCK_D, WGMMA_M, HEAD_DIM,
+                       True, INPUT_PRECISION)
     return dk, dk_e, dv, dv_e
 
 
@@ -650,11 +678,11 @@ def _bwd_key_block(Q, K, V, DO, LSE, delta_rows, dqt_rows, DK, DV, start_n, N, r
     accumulators at 128 lanes, all of a warpgroup's registers, and every tile spilled."""
     offs_n = start_n + tl.arange(0, BLOCK_N)
     n_valid = offs_n < N
-    k, k_e, _, _, _ = _load_normed_tiles(K, offs_n, n_valid, stride_kn, stride_kd, K_NORM, KW, KB, k_eps,
+    k, k_e = _load_normed_tiles(K, offs_n, n_valid, stride_kn, stride_kd, K_NORM, KW, KB, k_eps,
                                          BLOCK_D, BLOCK_E, HEAD_DIM)
     k_dq = k_e
     if BLOCK_E > 0:
-        _, k_dq, _, _, _ = _load_normed_tiles(K, offs_n, n_valid, stride_kn, stride_kd, K_NORM, KW, KB, k_eps,
+        _, k_dq = _load_normed_tiles(K, offs_n, n_valid, stride_kn, stride_kd, K_NORM, KW, KB, k_eps,
                                               BLOCK_D, WGMMA_M, HEAD_DIM)
     v, v_e = _load_tiles(V, offs_n, n_valid, stride_vn, stride_vd, BLOCK_D, BLOCK_E, HEAD_DIM)
     dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
@@ -680,8 +708,8 @@ def _bwd_key_block(Q, K, V, DO, LSE, delta_rows, dqt_rows, DK, DV, start_n, N, r
     if K_NORM:
         # Normalised again (from L2) rather than kept: k_hat would hold BLOCK_N x D floats
         # of registers through the query loop.
-        _, _, k_hat, k_hat_e, k_rstd = _load_normed_tiles(K, offs_n, n_valid, stride_kn, stride_kd, K_NORM, KW, KB,
-                                                          k_eps, BLOCK_D, BLOCK_E, HEAD_DIM)
+        k_hat, k_hat_e, k_rstd = _load_norm_stats(K, offs_n, n_valid, stride_kn, stride_kd, KW, KB, k_eps, BLOCK_D,
+                                                  BLOCK_E, HEAD_DIM)
         dk, dk_e, k_dw, k_dw_e, k_db, k_db_e = _layer_norm_rows_bwd(dk, dk_e, k_hat, k_hat_e, k_rstd, n_valid, KW,
                                                                     k_dw, k_dw_e, k_db, k_db_e, BLOCK_D, BLOCK_E,
                                                                     HEAD_DIM)
@@ -704,7 +732,7 @@ def _bwd_key_tail(Q, K, V, DO, LSE, delta_rows, dqt_rows, DK, DV, start_n, N, ro
     so a second head-dim tile runs at WIDE_E = WGMMA_M lanes."""
     offs_n = start_n + tl.arange(0, TAIL)
     n_valid = offs_n < N
-    k, k_e, _, _, _ = _load_normed_tiles(K, offs_n, n_valid, stride_kn, stride_kd, K_NORM, KW, KB, k_eps,
+    k, k_e = _load_normed_tiles(K, offs_n, n_valid, stride_kn, stride_kd, K_NORM, KW, KB, k_eps,
                                          BLOCK_D, WIDE_E, HEAD_DIM)
     v, v_e = _load_tiles(V, offs_n, n_valid, stride_vn, stride_vd, BLOCK_D, WIDE_E, HEAD_DIM)
     dkt = tl.zeros([BLOCK_D, TAIL], tl.float32)
@@ -732,13 +760,12 @@ def _bwd_key_tail(Q, K, V, DO, LSE, delta_rows, dqt_rows, DK, DV, start_n, N, ro
         ds = (p * (dp - delta[:, None])).to(q.dtype)
         dvt += tl.dot(tl.trans(do), pd, input_precision=INPUT_PRECISION)
         dkt += tl.dot(tl.trans(q), ds, input_precision=INPUT_PRECISION)
-        _add_to_dq(dqt_rows, tl.dot(ds, k, input_precision=INPUT_PRECISION), offs_m, m_valid, start_n, rows,
-                   0, BLOCK_D, HEAD_DIM, False)
+        _add_to_dq(dqt_rows, ds, k, offs_m, m_valid, start_n, rows, 0, BLOCK_D, HEAD_DIM, False, INPUT_PRECISION)
         if WIDE_E > 0:
             dvt_e += tl.dot(tl.trans(do_e), pd, input_precision=INPUT_PRECISION)
             dkt_e += tl.dot(tl.trans(q_e), ds, input_precision=INPUT_PRECISION)
-            _add_to_dq(dqt_rows, tl.dot(ds, k_e, input_precision=INPUT_PRECISION), offs_m, m_valid, start_n, rows,
-                       BLOCK_D, WIDE_E, HEAD_DIM, False)
+            _add_to_dq(dqt_rows, ds, k_e, offs_m, m_valid, start_n, rows, BLOCK_D, WIDE_E, HEAD_DIM, False,
+                       INPUT_PRECISION)
     _store_tiles(DV, tl.trans(dvt), tl.trans(dvt_e), offs_n, n_valid, stride_dvn, stride_dvd, BLOCK_D, WIDE_E,
                  HEAD_DIM)
     dk = tl.trans(dkt) * scale
@@ -746,8 +773,8 @@ def _bwd_key_tail(Q, K, V, DO, LSE, delta_rows, dqt_rows, DK, DV, start_n, N, ro
     if WIDE_E > 0:
         dk_e = tl.trans(dkt_e) * scale
     if K_NORM:
-        _, _, k_hat, k_hat_e, k_rstd = _load_normed_tiles(K, offs_n, n_valid, stride_kn, stride_kd, K_NORM, KW, KB,
-                                                          k_eps, BLOCK_D, WIDE_E, HEAD_DIM)
+        k_hat, k_hat_e, k_rstd = _load_norm_stats(K, offs_n, n_valid, stride_kn, stride_kd, KW, KB, k_eps, BLOCK_D,
+                                                  WIDE_E, HEAD_DIM)
         # The second tile's sums are WIDE_E lanes wide here, BLOCK_E in the running sums.
         wide_dw_e, wide_db_e = k_dw_e, k_db_e
         if WIDE_E > 0:
@@ -787,6 +814,7 @@ def _attention_bwd(
     q_eps, k_eps, dropout_p,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_E: tl.constexpr, Q_NORM: tl.constexpr,
     K_NORM: tl.constexpr, DROPOUT: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    KEY_TAILS: tl.constexpr,        # key_tails(...): the last keys in 16-key tails, not a padded block
     BLOCK_M: tl.constexpr,          # queries per full inner step
     BLOCK_N: tl.constexpr,          # keys per block
 ):
@@ -831,7 +859,7 @@ def _attention_bwd(
                               BLOCK_E)
             tl.store(delta_rows + offs_m, delta, mask=m_valid)
             if Q_NORM:
-                q, q_e, _, _, _ = _load_normed_tiles(q_ptr, offs_m, m_valid, stride_qn, stride_qd, Q_NORM, QW, QB,
+                q, q_e = _load_normed_tiles(q_ptr, offs_m, m_valid, stride_qn, stride_qd, Q_NORM, QW, QB,
                                                      q_eps, BLOCK_D, BLOCK_E, HEAD_DIM)
                 _store_tiles(normed_q_rows, q, q_e, offs_m, m_valid, BLOCK_D + BLOCK_E, 1, BLOCK_D, BLOCK_E,
                              HEAD_DIM)
@@ -851,7 +879,10 @@ def _attention_bwd(
         if BLOCK_E > 0:
             k_dw_e = tl.zeros([BLOCK_E], tl.float32)
             k_db_e = tl.zeros([BLOCK_E], tl.float32)
-        full_end = N // BLOCK_N * BLOCK_N
+        # With KEY_TAILS the keys past the last full block take 16-key tails; without, a masked block.
+        full_end = N
+        if KEY_TAILS:
+            full_end = N // BLOCK_N * BLOCK_N
         for start_n in range(0, full_end, BLOCK_N):
             k_dw, k_dw_e, k_db, k_db_e = _bwd_key_block(
                 q_dots, k_ptr, v_ptr, do_ptr, lse_ptr, delta_rows, dqt_rows, dk_ptr, dv_ptr, start_n, N, rows,
@@ -885,8 +916,8 @@ def _attention_bwd(
             if BLOCK_E > 0:
                 dq_e *= scale
             if Q_NORM:
-                _, _, q_hat, q_hat_e, q_rstd = _load_normed_tiles(q_ptr, offs_m, m_valid, stride_qn, stride_qd,
-                                                                  Q_NORM, QW, QB, q_eps, BLOCK_D, BLOCK_E, HEAD_DIM)
+                q_hat, q_hat_e, q_rstd = _load_norm_stats(q_ptr, offs_m, m_valid, stride_qn, stride_qd, QW, QB, q_eps,
+                                                          BLOCK_D, BLOCK_E, HEAD_DIM)
                 dq, dq_e, q_dw, q_dw_e, q_db, q_db_e = _layer_norm_rows_bwd(dq, dq_e, q_hat, q_hat_e, q_rstd, m_valid,
                                                                             QW, q_dw, q_dw_e, q_db, q_db_e, BLOCK_D,
                                                                             BLOCK_E, HEAD_DIM)

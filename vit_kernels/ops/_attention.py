@@ -67,6 +67,7 @@ def _launch_bwd(do, q, k, v, o, lse, dq, dk, dv, seed, scale, dropout_p, norms):
     do, q, k, v, o = map(_head_offsets_fit, (do, q, k, v, o))
     (qw, qb, q_eps), (kw, kb, k_eps) = norms
     consts = _constants(q, norms, dropout_p)
+    consts["KEY_TAILS"] = kernels.key_tails(consts["BLOCK_D"], consts["BLOCK_E"], qw is not None or kw is not None)
     programs = kernels.backward_programs(B * H, q.device)
     rows = kernels.scratch_rows(N)
     lanes = consts["BLOCK_D"] + consts["BLOCK_E"]
