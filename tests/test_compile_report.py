@@ -217,19 +217,19 @@ def test_attention_work_and_traffic():
     # At batch 256: the backward reads q, k, v, o, dO and lse once and writes dq, dk, dv once, and
     # its scratch fits in L2. MMA work, counted here by hand: full 64-row blocks over 16-token
     # tails (197 -> 192 + 16 = 208), the last tokens as one 16-token tail over 64-token blocks
-    # (197 -> 256), in the forward's 2 GEMMs and the backward's 5 (6 above 64 lanes, the second
-    # s^T of dv's own pass); 80 lanes as 64 + 16, except in the tails and in dq^T, where the
-    # second tile is 64 lanes wide (wgmma's M).
+    # (197 -> 256), in the forward's 2 GEMMs and the backward's 5. Above 64 lanes the backward
+    # pads its last key block (197 -> 256 keys over 208 queries) and runs 6 GEMMs (the second s^T
+    # of dv's own pass); 80 lanes are 64 + 16, except in tails and dq^T, where the second tile is
+    # 64 lanes wide (wgmma's M).
     done = subprocess.run([sys.executable, "-c", _ATTENTION_COUNTS], env=_compiling_env(), cwd=ROOT,
                           capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-4000:]
     rows = json.loads(done.stdout.strip().splitlines()[-1])
-    vit_b = 192 * 208 + 16 * 256          # N = 197: full-block rows x tailed tokens + tail x padded
+    tailed_197 = 192 * 208 + 16 * 256     # N = 197: full-block rows x tailed tokens + tail x padded
     expected = {  # (B * H, N, D): MMA work over 7 N^2 D
-        (3072, 197, 64): 7 * 64 * vit_b / (7 * 197**2 * 64),
-        (4096, 257, 80): (2 * (80 * 256 * 272 + 128 * 16 * 320) + (5 * 80 + 128) * 256 * 272 + 5 * 128 * 16 * 320)
-        / (7 * 257**2 * 80),
-        (1536, 197, 128): (2 * 128 * vit_b + 6 * 128 * 192 * 208 + 5 * 128 * 16 * 256) / (7 * 197**2 * 128),
+        (3072, 197, 64): 7 * 64 * tailed_197 / (7 * 197**2 * 64),
+        (4096, 257, 80): (2 * (80 * 256 * 272 + 128 * 16 * 320) + (5 * 80 + 128) * 320 * 272) / (7 * 257**2 * 80),
+        (1536, 197, 128): (2 * 128 * tailed_197 + 6 * 128 * 256 * 208) / (7 * 197**2 * 128),
     }
     assert {(r["heads"], r["N"], r["D"]) for r in rows} == set(expected)
     for row in rows:
@@ -250,17 +250,28 @@ def test_cli_refuses_the_interpreter(capsys):
 
 def test_cli_check_and_json(tmp_path):
     out = tmp_path / "report.json"
-    done = subprocess.run([sys.executable, "-m", "vit_kernels", "compile-report", "--kernels", "_attention_bwd",
+    done = subprocess.run([sys.executable, "-m", "vit_kernels", "compile-report", "--kernels", "_act_grad_product",
                            "--check", "--json", str(out), "--markdown", str(tmp_path / "report.md")],
                           env=_compiling_env(), cwd=ROOT, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stderr[-4000:]
     data = json.loads(out.read_text())
-    assert data["failures"] == [] and data["rows"]
-    assert {r["kernel"] for r in data["rows"]} == {"vit_kernels.kernels.attention._attention_bwd"}
-    # Head dims 64 and 80, from real scenarios; bf16 and fp16 only, since float32 attention runs
-    # SDPA outside the interpreter (backend.float32_dots_on_kernels).
+    assert data["failures"] == [] and data["ungated_failures"] == [] and data["rows"]
+    assert {r["kernel"] for r in data["rows"]} == {"vit_kernels.kernels.gemm._act_grad_product"}
+    # From real scenarios; bf16 and fp16 only, since float32 runs cuBLAS outside the interpreter
+    # (backend.float32_dots_on_kernels).
     labels = {v["label"].split(" | ")[0] for v in data["variants"]}
-    assert any("HEAD_DIM=80" in label for label in labels) and any("HEAD_DIM=64" in label for label in labels)
     assert {label.split()[0] for label in labels} == {"bf16", "fp16"}, labels
+    assert all(v["gated"] for v in data["variants"])
     assert data["cold_start"]["compilations"] > 0
     assert "## Gate" in (tmp_path / "report.md").read_text()
+
+
+def test_gate_skips_variants_only_ungated_scenarios_launch():
+    def row(variant_id, stack):
+        return dict(kernel="k", variant=f"v{variant_id}", variant_id=variant_id, config="c", kept=True,
+                    gated=variant_id == 0, violations=[f"spills: {stack} B stack"] if stack else [])
+    variants = [dict(id=0, kernel="k", label="v0", gated=True), dict(id=1, kernel="k", label="v1", gated=False)]
+    clean = report.Report({}, [row(0, 0), row(1, 8)], variants, {}, [], [])
+    assert clean.failures() == [] and [f["variant"] for f in clean.failures(gated=False)] == ["v1", "v1"]
+    spilling = report.Report({}, [row(0, 8), row(1, 8)], variants, {}, [], [])
+    assert [f["variant"] for f in spilling.failures()] == ["v0", "v0"]

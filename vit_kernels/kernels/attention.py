@@ -20,18 +20,22 @@ p is recomputed from lse, never stored.
 
 Tiles. ViT lengths are one token past a power of two (197, 257, 577, 1025). A loop over tokens
 walks full blocks unmasked and then the rest in TAIL-token steps (16: the smallest wgmma N and
-K), so 197 keys cost 208, not 256. Only the wgmma N and K dimensions can shrink so: M is 64
-rows per warpgroup. So the forward tails its key loop (keys are N of q k^T and K of p v) and
-pads its query blocks; the backward does the opposite (see ``_attention_bwd``).
+K), so 197 tokens cost 208, not 256. Only the wgmma N and K dimensions can shrink so: M is 64
+rows per warpgroup. The forward's query blocks are the M of q k^T: its key loop is tailed, and
+the queries past the last full block are TAIL-query tails of their own whose scores are
+transposed (s^T = k q^T: the tail is the N; ``_fwd_query_tail``). The backward is the mirror
+image: key blocks are the M, its query loop is tailed, and where ``key_tails`` allows it the
+keys past the last full block are TAIL-key tails with untransposed scores (``_bwd_key_tail``).
+At N = 197 each direction then costs 192 x 208 + 16 x 256 pairs, 1.13x the 197^2.
 
 Head-dim tiles. Triton tiles are powers of two, so a head dim that is not one is held as two
 tiles where that pads less (``head_dim_tiles``): lanes [0, BLOCK_D) and [BLOCK_D, +BLOCK_E), e.g.
 80 = 64 + 16 (ViT-H/14) rather than 128 lanes, which cost 1.6x the MMA work, registers and shared
 memory. Every (rows, D) tile below is such a pair ``x, x_e``; dot products over D are the sum of
 two dots, products into D are two dots. With BLOCK_E = 0 the second tile does not exist (its name
-holds the first, unread). One product cannot shrink so: the backward's dq^T = k^T ds^T has the
-lanes as its M, which wgmma wants in multiples of 64, so its second tile runs at 64 lanes
-(``WGMMA_M``), zero past the head dim.
+holds the first, unread). Products with the lanes as their M cannot shrink so (wgmma wants M in
+multiples of 64): the backward's dq^T = k^T ds^T and every product of the tails run their second
+tile at 64 lanes (``WGMMA_M``, the ``WIDE_E`` of the tails), zero past the head dim.
 
 Precision: statistics (m, l, lse, delta) and accumulators are float32 for every input dtype;
 dot operands stay in the input dtype (p and ds are cast to it). float32 dots run with
@@ -161,7 +165,8 @@ def _configs(stage: str) -> list:
 
 
 # A forward config is tried only if it executes at most this much more MMA work than the leanest
-# at the launch's N: at N = 197, 128-query blocks leave 69 queries to tails, 7% more than 64.
+# that does not spill at the launch's N: at N = 197, 128-query blocks leave 69 queries to tails,
+# 7% more than 64-query blocks.
 MAX_EXTRA_FORWARD_WORK = 1.03
 
 
@@ -177,18 +182,17 @@ def _prune(kernel: str):
                 return [c for c in configs if c.num_stages == 1 and (c.num_warps == 8 or not flags["DROPOUT"])]
             return [c for c in configs if c.num_stages == 1 and c.num_warps == 4]
         wide = flags["BLOCK_D"] + flags["BLOCK_E"] > 64
-        work = [forward_mma_work(named_args["N"], c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], flags["BLOCK_D"],
-                                 flags["BLOCK_E"]) for c in configs]
-        kept = []
-        for config, config_work in zip(configs, work):
-            m, n = config.kwargs["BLOCK_M"], config.kwargs["BLOCK_N"]
+
+        def spill_free(c):
             # More than 32 scores per thread spilled with dropout or 128 lanes; with dropout and
             # more than 64 lanes, so did 4 warps (8 to 24 bytes).
-            keep = (not (flags["DROPOUT"] or wide) or m * n // (32 * config.num_warps) <= 32) and \
-                not (flags["DROPOUT"] and wide and config.num_warps == 4) and \
-                config_work <= MAX_EXTRA_FORWARD_WORK * min(work)
-            if keep:
-                kept.append(config)
+            scores_per_thread = c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] // (32 * c.num_warps)
+            return (scores_per_thread <= 32 or not (flags["DROPOUT"] or wide)) and \
+                not (flags["DROPOUT"] and wide and c.num_warps == 4)
+        kept = [c for c in configs if spill_free(c)]
+        work = [forward_mma_work(named_args["N"], c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], flags["BLOCK_D"],
+                                 flags["BLOCK_E"]) for c in kept]
+        kept = [c for c, w in zip(kept, work) if w <= MAX_EXTRA_FORWARD_WORK * min(work)]
         return kept
     return prune
 
@@ -826,7 +830,8 @@ def _attention_bwd(
          program's scratch slot;
       2. for each key block j (in order), for each query step i: s^T, p^T, dp^T and ds^T once
          for the pair; dk_j, dv_j accumulate in registers; dq_i^T's partial sum over the key
-         blocks so far is read from, and written back to, the scratch slot;
+         blocks so far is read from, and written back to, the scratch slot; then, with
+         KEY_TAILS, the same for each 16-key tail over 64-query blocks (``_bwd_key_tail``);
       3. dq_i read back from the scratch as rows, scaled, taken through the q-norm into DQ.
     Each pair's scores are computed once (5 GEMMs per pair, not the 7 of a split dk/dv + dq
     backward; 6 above ONE_PASS_LANES, see ``_bwd_key_block``), delta costs no launch, every sum
