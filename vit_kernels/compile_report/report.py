@@ -417,9 +417,10 @@ def to_markdown(report: Report, command: str) -> str:
                    f"{w['config']} | {w['tiles']} | {w['programs']} | {w['last_wave']:.0%} | "
                    f"{'; '.join(w['violations']) or 'ok'} |")
     out += ["", "## Attention work and traffic: attention(q, k, v) fwd+bwd, (B, H, N, D) contiguous (bf16)", "",
-            "MMA work executed (padded query/key blocks, tailed steps, head-dim tiles) over the unpadded "
-            "7 N^2 D per head; backward DRAM traffic over the minimum (q, k, v, o, dO read, dq, dk, dv "
-            "written once), its per-program scratch counted as L2-resident.", "",
+            "MMA work executed (blocks, tails and head-dim tiles as the kernels run them) over the unpadded "
+            f"7 N^2 D per head, gated at {MAX_MMA_WORK}x at (B, H, N, D) = {MMA_WORK_SHAPE}; backward DRAM "
+            "traffic over the minimum (q, k, v, o, dO read, dq, dk, dv written once), its per-program "
+            f"scratch counted as L2-resident, gated at {MAX_BACKWARD_TRAFFIC}x.", "",
             "| B*H | N | D | forward | backward | MMA work | bwd traffic | GB (min) | programs | scratch MB | verdict |",
             "|---:|---:|---:|---|---|---:|---:|---:|---:|---:|---|"]
     for a in report.attention:

@@ -286,23 +286,6 @@ def _dot_over_d(a, a_e, b, b_e, BLOCK_E: tl.constexpr, INPUT_PRECISION: tl.const
     return s
 
 
-@triton.jit
-def _first_half(x):
-    """The first half of the vector x."""
-    first, _ = tl.split(tl.permute(tl.reshape(x, (2, x.shape[0] // 2)), (1, 0)))
-    return first
-
-
-@triton.jit
-def _narrowed(x, WIDTH: tl.constexpr):
-    """The first WIDTH elements of the vector x (at least a quarter of it)."""
-    if x.shape[0] > WIDTH:
-        x = _first_half(x)
-    if x.shape[0] > WIDTH:
-        x = _first_half(x)
-    return x
-
-
 # ---------------------------------------------------------------------------------------------
 # qk-norm, dropout, addressing.
 
@@ -722,13 +705,13 @@ def _bwd_key_block(Q, K, V, DO, LSE, delta_rows, dqt_rows, DK, DV, start_n, N, r
 
 
 @triton.jit
-def _bwd_key_tail(Q, K, V, DO, LSE, delta_rows, dqt_rows, DK, DV, start_n, N, rows, k_dw, k_dw_e, k_db, k_db_e,
+def _bwd_key_tail(Q, K, V, DO, LSE, delta_rows, dqt_rows, DK, DV, start_n, N, rows,
                   stride_qn, stride_qd, stride_kn, stride_kd, stride_vn, stride_vd, stride_don, stride_dod,
-                  stride_dkn, stride_dkd, stride_dvn, stride_dvd, seed, bh, scale, qk_scale,
-                  dropout_p, KW, KB, k_eps, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_E: tl.constexpr,
-                  WIDE_E: tl.constexpr, K_NORM: tl.constexpr, DROPOUT: tl.constexpr, INPUT_PRECISION: tl.constexpr):
+                  stride_dkn, stride_dkd, stride_dvn, stride_dvd, seed, bh, scale, qk_scale, dropout_p,
+                  HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, WIDE_E: tl.constexpr, DROPOUT: tl.constexpr,
+                  INPUT_PRECISION: tl.constexpr):
     """dk, dv of the TAIL keys [start_n, +TAIL) past the last full key block, stored; dq's partial
-    sums updated. Returns the k-norm's running (dw, dw_e, db, db_e) with these keys' sums added.
+    sums updated. Without qk-norm (``key_tails``): with it the tails spilled.
 
     Scores are not transposed here, s [WGMMA_M queries, TAIL keys], so that the keys are the N of
     every GEMM (dv^T += dO^T pd, dk^T += q^T ds, dq += ds k): 16 keys, not a 64-key block of which
@@ -736,8 +719,7 @@ def _bwd_key_tail(Q, K, V, DO, LSE, delta_rows, dqt_rows, DK, DV, start_n, N, ro
     so a second head-dim tile runs at WIDE_E = WGMMA_M lanes."""
     offs_n = start_n + tl.arange(0, TAIL)
     n_valid = offs_n < N
-    k, k_e = _load_normed_tiles(K, offs_n, n_valid, stride_kn, stride_kd, K_NORM, KW, KB, k_eps,
-                                         BLOCK_D, WIDE_E, HEAD_DIM)
+    k, k_e = _load_tiles(K, offs_n, n_valid, stride_kn, stride_kd, BLOCK_D, WIDE_E, HEAD_DIM)
     v, v_e = _load_tiles(V, offs_n, n_valid, stride_vn, stride_vd, BLOCK_D, WIDE_E, HEAD_DIM)
     dkt = tl.zeros([BLOCK_D, TAIL], tl.float32)
     dvt = tl.zeros([BLOCK_D, TAIL], tl.float32)
@@ -776,22 +758,7 @@ def _bwd_key_tail(Q, K, V, DO, LSE, delta_rows, dqt_rows, DK, DV, start_n, N, ro
     dk_e = dk
     if WIDE_E > 0:
         dk_e = tl.trans(dkt_e) * scale
-    if K_NORM:
-        k_hat, k_hat_e, k_rstd = _load_norm_stats(K, offs_n, n_valid, stride_kn, stride_kd, KW, KB, k_eps, BLOCK_D,
-                                                  WIDE_E, HEAD_DIM)
-        # The second tile's sums are WIDE_E lanes wide here, BLOCK_E in the running sums.
-        wide_dw_e, wide_db_e = k_dw_e, k_db_e
-        if WIDE_E > 0:
-            wide_dw_e = tl.zeros([WIDE_E], tl.float32)
-            wide_db_e = tl.zeros([WIDE_E], tl.float32)
-        dk, dk_e, k_dw, wide_dw_e, k_db, wide_db_e = _layer_norm_rows_bwd(dk, dk_e, k_hat, k_hat_e, k_rstd, n_valid,
-                                                                          KW, k_dw, wide_dw_e, k_db, wide_db_e,
-                                                                          BLOCK_D, WIDE_E, HEAD_DIM)
-        if WIDE_E > 0:
-            k_dw_e += _narrowed(wide_dw_e, BLOCK_E)
-            k_db_e += _narrowed(wide_db_e, BLOCK_E)
     _store_tiles(DK, dk, dk_e, offs_n, n_valid, stride_dkn, stride_dkd, BLOCK_D, WIDE_E, HEAD_DIM)
-    return k_dw, k_dw_e, k_db, k_db_e
 
 
 @_autotune("bwd")
@@ -897,12 +864,10 @@ def _attention_bwd(
                 BLOCK_M, BLOCK_N)
             tl.debug_barrier()
         for start_n in range(full_end, N, TAIL):
-            k_dw, k_dw_e, k_db, k_db_e = _bwd_key_tail(
-                q_dots, k_ptr, v_ptr, do_ptr, lse_ptr, delta_rows, dqt_rows, dk_ptr, dv_ptr, start_n, N, rows,
-                k_dw, k_dw_e, k_db, k_db_e, stride_dots_n, stride_dots_d, stride_kn, stride_kd, stride_vn, stride_vd,
-                stride_don, stride_dod, stride_dkn, stride_dkd, stride_dvn, stride_dvd, seed, bh, scale, qk_scale,
-                dropout_p, KW, KB, k_eps, HEAD_DIM, BLOCK_D, BLOCK_E, WGMMA_M if BLOCK_E > 0 else 0, K_NORM, DROPOUT,
-                INPUT_PRECISION)
+            _bwd_key_tail(q_dots, k_ptr, v_ptr, do_ptr, lse_ptr, delta_rows, dqt_rows, dk_ptr, dv_ptr, start_n, N, rows,
+                          stride_dots_n, stride_dots_d, stride_kn, stride_kd, stride_vn, stride_vd, stride_don,
+                          stride_dod, stride_dkn, stride_dkd, stride_dvn, stride_dvd, seed, bh, scale, qk_scale,
+                          dropout_p, HEAD_DIM, BLOCK_D, WGMMA_M if BLOCK_E > 0 else 0, DROPOUT, INPUT_PRECISION)
             tl.debug_barrier()
 
         # dq: the scratch's dq^T read back as rows, scaled, taken through the q-norm.
