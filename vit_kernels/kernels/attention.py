@@ -399,7 +399,7 @@ def _fwd_step(q, q_e, K, V, start_n, N, stride_kn, stride_kd, stride_vn, stride_
     offs_n = start_n + tl.arange(0, BLOCK_N)
     n_valid = offs_n < N
     k, k_e = _load_normed_tiles(K, offs_n, n_valid, stride_kn, stride_kd, K_NORM, KW, KB, k_eps,
-                                         BLOCK_D, BLOCK_E, HEAD_DIM)
+                                BLOCK_D, BLOCK_E, HEAD_DIM)
     v, v_e = _load_tiles(V, offs_n, n_valid, stride_vn, stride_vd, BLOCK_D, BLOCK_E, HEAD_DIM)
     s = _dot_over_d(q, q_e, k, k_e, BLOCK_E, INPUT_PRECISION) * qk_scale
     if MASKED:
@@ -430,7 +430,7 @@ def _fwd_query_block(Q, K, V, O, LSE, start_m, N, stride_qn, stride_qd, stride_k
     offs_m = start_m + tl.arange(0, BLOCK_M)
     m_valid = offs_m < N
     q, q_e = _load_normed_tiles(Q, offs_m, m_valid, stride_qn, stride_qd, Q_NORM, QW, QB, q_eps,
-                                         BLOCK_D, BLOCK_E, HEAD_DIM)
+                                BLOCK_D, BLOCK_E, HEAD_DIM)
     # Statistics in fp32 whatever the input dtype; m starts at -inf so the first alpha is 0.
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
@@ -471,7 +471,7 @@ def _fwd_query_tail(Q, K, V, O, LSE, start_m, N, stride_qn, stride_qd, stride_kn
     offs_m = start_m + tl.arange(0, TAIL)
     m_valid = offs_m < N
     q, q_e = _load_normed_tiles(Q, offs_m, m_valid, stride_qn, stride_qd, Q_NORM, QW, QB, q_eps,
-                                         BLOCK_D, WIDE_E, HEAD_DIM)
+                                BLOCK_D, WIDE_E, HEAD_DIM)
     m_i = tl.full([TAIL], float("-inf"), tl.float32)
     l_i = tl.zeros([TAIL], tl.float32)
     acc = tl.zeros([BLOCK_D, TAIL], tl.float32)
@@ -482,7 +482,7 @@ def _fwd_query_tail(Q, K, V, O, LSE, start_m, N, stride_qn, stride_qd, stride_kn
         offs_n = start_n + tl.arange(0, WGMMA_M)
         n_valid = offs_n < N
         k, k_e = _load_normed_tiles(K, offs_n, n_valid, stride_kn, stride_kd, K_NORM, KW, KB, k_eps,
-                                             BLOCK_D, WIDE_E, HEAD_DIM)
+                                    BLOCK_D, WIDE_E, HEAD_DIM)
         v, v_e = _load_tiles(V, offs_n, n_valid, stride_vn, stride_vd, BLOCK_D, WIDE_E, HEAD_DIM)
         st = _dot_over_d(k, k_e, q, q_e, WIDE_E, INPUT_PRECISION) * qk_scale
         st = tl.where(n_valid[:, None], st, float("-inf"))
@@ -666,11 +666,11 @@ def _bwd_key_block(Q, K, V, DO, LSE, delta_rows, dqt_rows, DK, DV, start_n, N, r
     offs_n = start_n + tl.arange(0, BLOCK_N)
     n_valid = offs_n < N
     k, k_e = _load_normed_tiles(K, offs_n, n_valid, stride_kn, stride_kd, K_NORM, KW, KB, k_eps,
-                                         BLOCK_D, BLOCK_E, HEAD_DIM)
+                                BLOCK_D, BLOCK_E, HEAD_DIM)
     k_dq = k_e
     if BLOCK_E > 0:
         _, k_dq = _load_normed_tiles(K, offs_n, n_valid, stride_kn, stride_kd, K_NORM, KW, KB, k_eps,
-                                              BLOCK_D, WGMMA_M, HEAD_DIM)
+                                     BLOCK_D, WGMMA_M, HEAD_DIM)
     v, v_e = _load_tiles(V, offs_n, n_valid, stride_vn, stride_vd, BLOCK_D, BLOCK_E, HEAD_DIM)
     dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
@@ -832,7 +832,7 @@ def _attention_bwd(
             tl.store(delta_rows + offs_m, delta, mask=m_valid)
             if Q_NORM:
                 q, q_e = _load_normed_tiles(q_ptr, offs_m, m_valid, stride_qn, stride_qd, Q_NORM, QW, QB,
-                                                     q_eps, BLOCK_D, BLOCK_E, HEAD_DIM)
+                                            q_eps, BLOCK_D, BLOCK_E, HEAD_DIM)
                 _store_tiles(normed_q_rows, q, q_e, offs_m, m_valid, BLOCK_D + BLOCK_E, 1, BLOCK_D, BLOCK_E,
                              HEAD_DIM)
         # The scratch is written and read by different threads of the program.
