@@ -269,6 +269,16 @@ def _store_vectors(ptr, x, x_e, BLOCK_D: tl.constexpr, BLOCK_E: tl.constexpr, HE
 
 
 @triton.jit
+def _zero_vectors(BLOCK_D: tl.constexpr, BLOCK_E: tl.constexpr):
+    """A (D,) fp32 vector of zeros as (x, x_e)."""
+    x = tl.zeros([BLOCK_D], tl.float32)
+    x_e = x
+    if BLOCK_E > 0:
+        x_e = tl.zeros([BLOCK_E], tl.float32)
+    return x, x_e
+
+
+@triton.jit
 def _row_sums(x, x_e, BLOCK_E: tl.constexpr):
     """Per row, the sum over the head dim of the fp32 tiles (x, x_e)."""
     total = tl.sum(x, axis=1)
@@ -318,10 +328,14 @@ def _layer_norm_rows(x, x_e, W, B, eps, BLOCK_D: tl.constexpr, BLOCK_E: tl.const
 
 
 @triton.jit
-def _layer_norm_rows_bwd(dy, dy_e, xhat, xhat_e, rstd, rows_valid, W, dw, dw_e, db, db_e,
+def _layer_norm_rows_bwd(dy, dy_e, X, offs, rows_valid, stride_n, stride_d, W, B, eps, dw, dw_e, db, db_e,
                          BLOCK_D: tl.constexpr, BLOCK_E: tl.constexpr, HEAD_DIM: tl.constexpr):
-    """(dx, dx_e, dw, dw_e, db, db_e): the LayerNorm's dx for the fp32 row gradients (dy, dy_e),
-    and this tile's sums added to the running (dw, dw_e), (db, db_e) of its weight and bias."""
+    """(dx, dx_e, dw, dw_e, db, db_e): the dx of the LayerNorm of rows ``offs`` of one head of X
+    for the fp32 gradients (dy, dy_e) of its output, and this tile's sums added to the running
+    (dw, dw_e), (db, db_e) of its weight and bias. The rows are normalised again (from L2)."""
+    x, x_e = _load_tiles(X, offs, rows_valid, stride_n, stride_d, BLOCK_D, BLOCK_E, HEAD_DIM)
+    _, _, xhat, xhat_e, rstd = _layer_norm_rows(x.to(tl.float32), x_e.to(tl.float32), W, B, eps, BLOCK_D, BLOCK_E,
+                                                HEAD_DIM)
     # Padded rows hold xhat = 0 but may hold dy != 0: keep them out of dw and db.
     dy = tl.where(rows_valid[:, None], dy, 0.0)
     dw += tl.sum(dy * xhat, axis=0)
@@ -355,24 +369,15 @@ def _load_normed_tiles(base, offs, rows_valid, stride_n, stride_d, NORM: tl.cons
 
 
 @triton.jit
-def _load_norm_stats(base, offs, rows_valid, stride_n, stride_d, W, B, eps, BLOCK_D: tl.constexpr,
-                     BLOCK_E: tl.constexpr, HEAD_DIM: tl.constexpr):
-    """(xhat, xhat_e, rstd) of the LayerNorm of rows ``offs`` of one head, fp32 (for its backward)."""
-    x, x_e = _load_tiles(base, offs, rows_valid, stride_n, stride_d, BLOCK_D, BLOCK_E, HEAD_DIM)
-    _, _, xhat, xhat_e, rstd = _layer_norm_rows(x.to(tl.float32), x_e.to(tl.float32), W, B, eps, BLOCK_D, BLOCK_E,
-                                                HEAD_DIM)
-    return xhat, xhat_e, rstd
-
-
-@triton.jit
 def _keep(seed, bh, offs_m, start_n, N, dropout_p, BLOCK_N: tl.constexpr):
     """The dropout keep mask [len(offs_m), BLOCK_N] of keys [start_n, +BLOCK_N) (start_n % 4 == 0).
 
     Counter c of row i (of head bh) covers keys 4c .. 4c + 3: one Philox call, four draws."""
     groups = (N + 3) // 4
-    rows = (bh.to(tl.int64) * N + offs_m.to(tl.int64)) * groups
-    counters = rows[:, None] + (start_n // 4 + tl.arange(0, BLOCK_N // 4))[None, :]
-    r0, r1, r2, r3 = tl.randint4x(seed, counters)
+    counters = (offs_m * groups)[:, None] + (start_n // 4 + tl.arange(0, BLOCK_N // 4))[None, :]
+    c0 = counters.to(tl.uint32, bitcast=True)
+    zero = c0 * 0
+    r0, r1, r2, r3 = tl.philox(seed, c0, zero + bh.to(tl.uint32), zero, zero)
     draws = tl.reshape(tl.join(tl.join(r0, r1), tl.join(r2, r3)), [offs_m.shape[0], BLOCK_N])
     # The top 24 bits as a uniform float in [0, 1): exact in float32.
     uniform = (draws.to(tl.uint32, bitcast=True) >> 8).to(tl.float32) * (1.0 / 16777216.0)
@@ -651,14 +656,14 @@ def _bwd_queries(k, k_e, k_dq, v, v_e, dk, dk_e, dv, dv_e, Q, DO, LSE, delta_row
 
 
 @triton.jit
-def _bwd_key_block(Q, K, V, DO, LSE, delta_rows, dqt_rows, DK, DV, start_n, N, rows, k_dw, k_dw_e, k_db, k_db_e,
+def _bwd_key_block(Q, K, V, DO, LSE, delta_rows, dqt_rows, DK, DV, start_n, N, rows,
                    stride_qn, stride_qd, stride_kn, stride_kd, stride_vn, stride_vd, stride_don, stride_dod,
-                   stride_dkn, stride_dkd, stride_dvn, stride_dvd, seed, bh, scale, qk_scale,
-                   dropout_p, KW, KB, k_eps, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_E: tl.constexpr,
-                   K_NORM: tl.constexpr, DROPOUT: tl.constexpr, INPUT_PRECISION: tl.constexpr,
-                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    """dk, dv of keys [start_n, +BLOCK_N) over every query, stored; dq's partial sums updated.
-    Returns the k-norm's running (dw, dw_e, db, db_e) with this block's sums added.
+                   stride_dkn, stride_dkd, stride_dvn, stride_dvd, seed, bh, scale, qk_scale, dropout_p, KW, KB, k_eps,
+                   HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_E: tl.constexpr, K_NORM: tl.constexpr,
+                   DROPOUT: tl.constexpr, INPUT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """dk, dv of keys [start_n, +BLOCK_N) over every query, stored; dq's partial sums updated. With a
+    k-norm, dk is stored as the gradient of the normalised k (the row phase of _attention_bwd takes
+    it through the norm): the block's registers hold no norm state through its query loop.
 
     Above ONE_PASS_LANES lanes of head dim, dv takes its own pass over the queries (scores
     computed twice, 6 GEMMs per pair instead of 5): dk and dv together are 2 x 64 x 128 float32
@@ -689,19 +694,7 @@ def _bwd_key_block(Q, K, V, DO, LSE, delta_rows, dqt_rows, DK, DV, start_n, N, r
                                           dqt_rows, start_n, N, rows, stride_qn, stride_qd, stride_don, stride_dod,
                                           n_valid, seed, bh, qk_scale, dropout_p, HEAD_DIM, BLOCK_D, BLOCK_E,
                                           DROPOUT, INPUT_PRECISION, BLOCK_M, BLOCK_N, False, True)
-    dk *= scale
-    if BLOCK_E > 0:
-        dk_e *= scale
-    if K_NORM:
-        # Normalised again (from L2) rather than kept: k_hat would hold BLOCK_N x D floats
-        # of registers through the query loop.
-        k_hat, k_hat_e, k_rstd = _load_norm_stats(K, offs_n, n_valid, stride_kn, stride_kd, KW, KB, k_eps, BLOCK_D,
-                                                  BLOCK_E, HEAD_DIM)
-        dk, dk_e, k_dw, k_dw_e, k_db, k_db_e = _layer_norm_rows_bwd(dk, dk_e, k_hat, k_hat_e, k_rstd, n_valid, KW,
-                                                                    k_dw, k_dw_e, k_db, k_db_e, BLOCK_D, BLOCK_E,
-                                                                    HEAD_DIM)
-    _store_tiles(DK, dk, dk_e, offs_n, n_valid, stride_dkn, stride_dkd, BLOCK_D, BLOCK_E, HEAD_DIM)
-    return k_dw, k_dw_e, k_db, k_db_e
+    _store_tiles(DK, dk * scale, dk_e * scale, offs_n, n_valid, stride_dkn, stride_dkd, BLOCK_D, BLOCK_E, HEAD_DIM)
 
 
 @triton.jit
@@ -842,41 +835,33 @@ def _attention_bwd(
         dk_ptr = _head_base(DK, bh, H, stride_dkb, stride_dkh)
         dv_ptr = _head_base(DV, bh, H, stride_dvb, stride_dvh)
         # The dots read q from the scratch when it is normalised (once per head, not per key block).
-        q_dots, stride_dots_n, stride_dots_d = q_ptr, stride_qn, stride_qd
+        q_dots, stride_qdots_n, stride_qdots_d = q_ptr, stride_qn, stride_qd
         if Q_NORM:
-            q_dots, stride_dots_n, stride_dots_d = normed_q_rows, BLOCK_D + BLOCK_E, 1
-        k_dw = tl.zeros([BLOCK_D], tl.float32)
-        k_db = tl.zeros([BLOCK_D], tl.float32)
-        k_dw_e, k_db_e = k_dw, k_db
-        if BLOCK_E > 0:
-            k_dw_e = tl.zeros([BLOCK_E], tl.float32)
-            k_db_e = tl.zeros([BLOCK_E], tl.float32)
+            q_dots, stride_qdots_n, stride_qdots_d = normed_q_rows, BLOCK_D + BLOCK_E, 1
         # With KEY_TAILS the keys past the last full block take 16-key tails; without, a masked block.
         full_end = N
         if KEY_TAILS:
             full_end = N // BLOCK_N * BLOCK_N
         for start_n in range(0, full_end, BLOCK_N):
-            k_dw, k_dw_e, k_db, k_db_e = _bwd_key_block(
-                q_dots, k_ptr, v_ptr, do_ptr, lse_ptr, delta_rows, dqt_rows, dk_ptr, dv_ptr, start_n, N, rows,
-                k_dw, k_dw_e, k_db, k_db_e, stride_dots_n, stride_dots_d, stride_kn, stride_kd, stride_vn, stride_vd,
-                stride_don, stride_dod, stride_dkn, stride_dkd, stride_dvn, stride_dvd, seed, bh, scale, qk_scale,
-                dropout_p, KW, KB, k_eps, HEAD_DIM, BLOCK_D, BLOCK_E, K_NORM, DROPOUT, INPUT_PRECISION,
-                BLOCK_M, BLOCK_N)
+            _bwd_key_block(q_dots, k_ptr, v_ptr, do_ptr, lse_ptr, delta_rows, dqt_rows, dk_ptr, dv_ptr, start_n, N,
+                           rows, stride_qdots_n, stride_qdots_d, stride_kn, stride_kd, stride_vn, stride_vd,
+                           stride_don, stride_dod, stride_dkn, stride_dkd, stride_dvn, stride_dvd, seed, bh, scale,
+                           qk_scale, dropout_p, KW, KB, k_eps, HEAD_DIM, BLOCK_D, BLOCK_E, K_NORM, DROPOUT,
+                           INPUT_PRECISION, BLOCK_M, BLOCK_N)
             tl.debug_barrier()
         for start_n in range(full_end, N, TAIL):
-            _bwd_key_tail(q_dots, k_ptr, v_ptr, do_ptr, lse_ptr, delta_rows, dqt_rows, dk_ptr, dv_ptr, start_n, N, rows,
-                          stride_dots_n, stride_dots_d, stride_kn, stride_kd, stride_vn, stride_vd, stride_don,
+            _bwd_key_tail(q_dots, k_ptr, v_ptr, do_ptr, lse_ptr, delta_rows, dqt_rows, dk_ptr, dv_ptr, start_n, N,
+                          rows, stride_qdots_n, stride_qdots_d, stride_kn, stride_kd, stride_vn, stride_vd, stride_don,
                           stride_dod, stride_dkn, stride_dkd, stride_dvn, stride_dvd, seed, bh, scale, qk_scale,
                           dropout_p, HEAD_DIM, BLOCK_D, WGMMA_M if BLOCK_E > 0 else 0, DROPOUT, INPUT_PRECISION)
             tl.debug_barrier()
 
-        # dq: the scratch's dq^T read back as rows, scaled, taken through the q-norm.
-        q_dw = tl.zeros([BLOCK_D], tl.float32)
-        q_db = tl.zeros([BLOCK_D], tl.float32)
-        q_dw_e, q_db_e = q_dw, q_db
-        if BLOCK_E > 0:
-            q_dw_e = tl.zeros([BLOCK_E], tl.float32)
-            q_db_e = tl.zeros([BLOCK_E], tl.float32)
+        # Rows: dq (the scratch's dq^T read back, scaled) and dk (as the key blocks stored it)
+        # taken through their norms.
+        q_dw, q_dw_e = _zero_vectors(BLOCK_D, BLOCK_E)
+        q_db, q_db_e = _zero_vectors(BLOCK_D, BLOCK_E)
+        k_dw, k_dw_e = _zero_vectors(BLOCK_D, BLOCK_E)
+        k_db, k_db_e = _zero_vectors(BLOCK_D, BLOCK_E)
         for start_m in range(0, N, BLOCK_M):
             offs_m = start_m + tl.arange(0, BLOCK_M)
             m_valid = offs_m < N
@@ -886,12 +871,20 @@ def _attention_bwd(
             if BLOCK_E > 0:
                 dq_e *= scale
             if Q_NORM:
-                q_hat, q_hat_e, q_rstd = _load_norm_stats(q_ptr, offs_m, m_valid, stride_qn, stride_qd, QW, QB, q_eps,
-                                                          BLOCK_D, BLOCK_E, HEAD_DIM)
-                dq, dq_e, q_dw, q_dw_e, q_db, q_db_e = _layer_norm_rows_bwd(dq, dq_e, q_hat, q_hat_e, q_rstd, m_valid,
-                                                                            QW, q_dw, q_dw_e, q_db, q_db_e, BLOCK_D,
-                                                                            BLOCK_E, HEAD_DIM)
+                dq, dq_e, q_dw, q_dw_e, q_db, q_db_e = _layer_norm_rows_bwd(
+                    dq, dq_e, q_ptr, offs_m, m_valid, stride_qn, stride_qd, QW, QB, q_eps, q_dw, q_dw_e, q_db, q_db_e,
+                    BLOCK_D, BLOCK_E, HEAD_DIM)
             _store_tiles(dq_ptr, dq, dq_e, offs_m, m_valid, stride_dqn, stride_dqd, BLOCK_D, BLOCK_E, HEAD_DIM)
+            if K_NORM:
+                # Rounded to dk's dtype once on the way (as PyTorch's own backward rounds it between
+                # attention and norm): the key blocks' registers hold no norm state.
+                dk, dk_e = _load_tiles(dk_ptr, offs_m, m_valid, stride_dkn, stride_dkd, BLOCK_D, BLOCK_E, HEAD_DIM)
+                # Every thread has read its rows before any overwrites them.
+                tl.debug_barrier()
+                dk, dk_e, k_dw, k_dw_e, k_db, k_db_e = _layer_norm_rows_bwd(
+                    dk.to(tl.float32), dk_e.to(tl.float32), k_ptr, offs_m, m_valid, stride_kn, stride_kd, KW, KB,
+                    k_eps, k_dw, k_dw_e, k_db, k_db_e, BLOCK_D, BLOCK_E, HEAD_DIM)
+                _store_tiles(dk_ptr, dk, dk_e, offs_m, m_valid, stride_dkn, stride_dkd, BLOCK_D, BLOCK_E, HEAD_DIM)
         grads = NORM_GRADS + bh.to(tl.int64) * 4 * HEAD_DIM
         if Q_NORM:
             _store_vectors(grads, q_dw, q_dw_e, BLOCK_D, BLOCK_E, HEAD_DIM)
