@@ -446,6 +446,13 @@ def test_bad_inputs():
             vk.ops.attention(q, q, q, dropout_p=1.0)
         with pytest.raises(ValueError, match="expects q's 17"):
             vk.ops.attention(q, q[:, :, :5], q[:, :, :5])
+        # Past 131,072 tokens the dropout counters would wrap (expanded views: no memory).
+        long = torch.randn(1, 1, 1, 32, device=DEVICE).expand(1, 1, 131073, 32)
+        with pytest.raises(ValueError, match="dropout_p > 0 with 131073 tokens"):
+            vk.ops.attention(long, long, long, dropout_p=0.1)
+        with pytest.raises(ValueError, match="dropout_p > 0 with 131073 tokens"):
+            vk.ops.qkv_attention(torch.randn(1, 1, 96, device=DEVICE).expand(1, 131073, 96), 1, dropout_p=0.1)
+    assert attention_kernels.dropout_counters_fit(131072) and not attention_kernels.dropout_counters_fit(131073)
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="CPU tensors without the interpreter")

@@ -154,11 +154,15 @@ def _attention_bhnd(shape: tuple) -> Callable[[torch.dtype], None]:
     return run
 
 
+# (head dim, qk-norm, dropout) of the qkv_attention scenarios reported but not gated: their
+# backward spills 8 to 88 bytes of values kept from the prologue (none in a loop over queries) in
+# every config, on triton 3.6 or 3.8, in bf16 or fp16.
+KNOWN_SPILLS = {(80, True, False), (80, False, True), (80, True, True), (128, False, True), (128, True, True)}
+
+
 def _qkv_attention(head_dim: int, qk_norm: bool, dropout_p: float) -> Callable[[torch.dtype], None]:
     """``vk.ops.qkv_attention`` at batch 256, N 197, on a packed projection with 12 heads of ``head_dim``:
-    the head dims no model scenario runs with qk-norm or dropout. Above 64 lanes their backward
-    (and at 128 lanes with both, their forward) is past 255 registers in every config: reported,
-    not gated, until the kernel is restructured for them."""
+    the head dims no model scenario runs with qk-norm or dropout."""
     def run(dtype: torch.dtype) -> None:
         qkv = torch.empty(TRAIN_BATCH, 197, 3 * 12 * head_dim, device=META, dtype=dtype, requires_grad=True)
         norms = [torch.nn.LayerNorm(head_dim, device=META, dtype=dtype) if qk_norm else None for _ in range(2)]
@@ -173,7 +177,7 @@ def _ops() -> list[Scenario]:
             for op in ("linear_gelu", "mlp") for recompute in (False, True)] + \
         [Scenario(attention_scenario_name(shape), _attention_bhnd(shape)) for shape in ATTENTION_SHAPES] + \
         [Scenario(f"qkv_attention fwd+bwd, head dim {d}{label}", _qkv_attention(d, qk_norm, p),
-                  gated=not (qk_norm or p))
+                  gated=(d, qk_norm, p > 0) not in KNOWN_SPILLS)
          for d in (80, 128) for label, qk_norm, p in features]
 
 

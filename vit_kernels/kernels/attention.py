@@ -50,7 +50,8 @@ The backward program of a head sums dw and db over the head's rows and writes th
 head to NORM_GRADS (B * H, 2, 2, D) [head, q or k, dw or db]; the host sums over heads.
 
 Dropout: the keep mask is a pure function of (seed, batch * head, i, j): one Philox call
-(``tl.randint4x``) on the counter of keys 4c .. 4c + 3 of row i gives their four draws, so the
+(``tl.philox``, as ``tl.randint4x`` makes it) on the 32-bit counter of keys 4c .. 4c + 3 of row i,
+with the head as the counter's second word, gives their four draws, so the
 backward regenerates the forward's mask whatever the tiles (blocks start at multiples of 16).
 """
 from __future__ import annotations
@@ -124,9 +125,15 @@ def backward_mma_work(n: int, block_m: int, block_n: int, block_d: int, block_e:
 def key_tails(block_d: int, block_e: int, norms: bool) -> bool:
     """Whether the backward runs the keys past its last full block as 16-key tails
     (``_bwd_key_tail``) rather than as one padded block: where that compiles without spilling,
-    up to 64 lanes without qk-norm (the sm_90 compile report: with qk-norm or more lanes the
-    tails' [64 queries, D] tiles took the kernel past 255 registers, 16 to 680 bytes of spills)."""
+    up to 64 lanes without qk-norm (the sm_90 compile report: with more lanes the tails' [64
+    queries, D] tiles took the kernel past 255 registers, 16 to 680 bytes of spills; with qk-norm,
+    the tails normalising their k, 48 to 80 bytes at 64 lanes)."""
     return block_d + block_e <= 64 and not norms
+
+
+def dropout_counters_fit(n: int) -> bool:
+    """Whether a head of n tokens numbers its dropout draws' Philox counters in 32 bits (n <= 131,072)."""
+    return n * ((n + 3) // 4) <= 2**32
 
 
 def forward_programs(n: int, block_m: int) -> int:
@@ -372,7 +379,9 @@ def _load_normed_tiles(base, offs, rows_valid, stride_n, stride_d, NORM: tl.cons
 def _keep(seed, bh, offs_m, start_n, N, dropout_p, BLOCK_N: tl.constexpr):
     """The dropout keep mask [len(offs_m), BLOCK_N] of keys [start_n, +BLOCK_N) (start_n % 4 == 0).
 
-    Counter c of row i (of head bh) covers keys 4c .. 4c + 3: one Philox call, four draws."""
+    Counter c of row i covers keys 4c .. 4c + 3: one Philox call, four draws. Counters are 32-bit
+    within a head (``dropout_counters_fit``) and the head is the second word: with 64-bit counters
+    the head-dim-80 backward spilled 16 bytes (triton 3.8; none now)."""
     groups = (N + 3) // 4
     counters = (offs_m * groups)[:, None] + (start_n // 4 + tl.arange(0, BLOCK_N // 4))[None, :]
     c0 = counters.to(tl.uint32, bitcast=True)
@@ -792,7 +801,9 @@ def _attention_bwd(
          for the pair; dk_j, dv_j accumulate in registers; dq_i^T's partial sum over the key
          blocks so far is read from, and written back to, the scratch slot; then, with
          KEY_TAILS, the same for each 16-key tail over 64-query blocks (``_bwd_key_tail``);
-      3. dq_i read back from the scratch as rows, scaled, taken through the q-norm into DQ.
+      3. dq_i read back from the scratch as rows, scaled, taken through the q-norm into DQ; with a
+         k-norm, dk_j (stored by step 2 as the gradient of the normalised k) read back and taken
+         through the k-norm, so that no norm state is held in registers through step 2.
     Each pair's scores are computed once (5 GEMMs per pair, not the 7 of a split dk/dv + dq
     backward; 6 above ONE_PASS_LANES, see ``_bwd_key_block``), delta costs no launch, every sum
     runs in a fixed order (no atomics: bitwise deterministic), and each of q, k, v, o, dO is

@@ -192,6 +192,13 @@ def _check_dropout(dropout_p: float) -> None:
         raise ValueError(f"dropout_p must be in [0, 1); got {dropout_p}")
 
 
+def _check_kernel_dropout(tokens: int, dropout_p: float) -> None:
+    if dropout_p > 0 and not kernels.dropout_counters_fit(tokens):
+        raise ValueError(f"dropout_p > 0 with {tokens} tokens: the attention kernel's dropout takes at most "
+                         f"131,072 tokens (32-bit counters per head); run it without dropout, or under "
+                         f"vit_kernels.use_backend('torch')")
+
+
 def _check_head_dim(head_dim: int) -> None:
     # Both paths: the default scale head_dim ** -0.5 needs a head dim.
     if head_dim < 1:
@@ -235,6 +242,7 @@ def attention(q: Tensor, k: Tensor, v: Tensor, scale: Optional[float] = None, dr
     kernels.head_dim_tiles(q.shape[-1])
     if k.shape[2] != q.shape[2]:
         raise ValueError(f"k has {k.shape[2]} tokens; the attention kernel expects q's {q.shape[2]}")
+    _check_kernel_dropout(q.shape[2], dropout_p)
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     return attention_fwd_op(q, k, v, scale, dropout_p, _seed(q, dropout_p), False)[0]
 
@@ -260,6 +268,7 @@ def qkv_attention(qkv: Tensor, num_heads: int, scale: Optional[float] = None,
     if not backend.runs_kernels("qkv_attention", qkv, dots=True):
         return reference.qkv_attention(qkv, num_heads, scale, dropout_p, q_norm, k_norm)
     kernels.head_dim_tiles(head_dim)
+    _check_kernel_dropout(qkv.shape[1], dropout_p)
     scale = head_dim ** -0.5 if scale is None else float(scale)
     seed = _seed(qkv, dropout_p)
     # timm passes nn.Identity() when qk_norm is off.
