@@ -50,9 +50,9 @@ The backward program of a head sums dw and db over the head's rows and writes th
 head to NORM_GRADS (B * H, 2, 2, D) [head, q or k, dw or db]; the host sums over heads.
 
 Dropout: the keep mask is a pure function of (seed, batch * head, i, j): one Philox call
-(``tl.philox``, as ``tl.randint4x`` makes it) on the 32-bit counter of keys 4c .. 4c + 3 of row i,
-with the head as the counter's second word, gives their four draws, so the
-backward regenerates the forward's mask whatever the tiles (blocks start at multiples of 16).
+(``tl.philox``, as ``tl.randint4x`` makes it) gives the four draws of queries {i, i + 8} x keys
+{j, j + 8} (``_keep``), with the head as its counter's second word, so the backward regenerates
+the forward's mask whatever the tiles (blocks start at multiples of 16).
 """
 from __future__ import annotations
 
@@ -133,7 +133,8 @@ def key_tails(block_d: int, block_e: int, norms: bool) -> bool:
 
 def dropout_counters_fit(n: int) -> bool:
     """Whether a head of n tokens numbers its dropout draws' Philox counters in 32 bits (n <= 131,072)."""
-    return n * ((n + 3) // 4) <= 2**32
+    groups = (n + 15) // 16 * 8  # per row of counters: see _keep
+    return groups * groups <= 2**32
 
 
 def forward_programs(n: int, block_m: int) -> int:
@@ -376,18 +377,38 @@ def _load_normed_tiles(base, offs, rows_valid, stride_n, stride_d, NORM: tl.cons
 
 
 @triton.jit
-def _keep(seed, bh, offs_m, start_n, N, dropout_p, BLOCK_N: tl.constexpr):
-    """The dropout keep mask [len(offs_m), BLOCK_N] of keys [start_n, +BLOCK_N) (start_n % 4 == 0).
+def _keep(seed, bh, start_m, start_n, N, dropout_p, ROWS: tl.constexpr, COLS: tl.constexpr,
+          KEYS_FIRST: tl.constexpr):
+    """The dropout keep mask of queries [start_m, +ROWS) and keys [start_n, +COLS): [ROWS, COLS],
+    or with KEYS_FIRST [COLS keys, ROWS queries] (starts and sizes multiples of 16).
 
-    Counter c of row i covers keys 4c .. 4c + 3: one Philox call, four draws. Counters are 32-bit
-    within a head (``dropout_counters_fit``) and the head is the second word: with 64-bit counters
-    the head-dim-80 backward spilled 16 bytes (triton 3.8; none now)."""
-    groups = (N + 3) // 4
-    counters = (offs_m * groups)[:, None] + (start_n // 4 + tl.arange(0, BLOCK_N // 4))[None, :]
+    One Philox call gives the four draws of queries {i, i + 8} x keys {j, j + 8} (bit 3 of i and
+    j clear): the four scores one thread holds in a wgmma accumulator either way round, so the
+    mask is assembled in registers, with no exchange between threads. The call's 32-bit counter
+    numbers (i, j) with bit 3 dropped (``dropout_counters_fit``); the head is its second word.
+    Assembling four draws of keys 4c .. 4c + 3 instead cost the backward a transposition and up
+    to 87 registers (head dim 80, sm_90)."""
+    groups = (N + 15) // 16 * 8
+    rows = start_m // 2 + tl.arange(0, ROWS // 2)
+    cols = start_n // 2 + tl.arange(0, COLS // 2)
+    if KEYS_FIRST:
+        counters = cols[:, None] + (rows * groups)[None, :]
+    else:
+        counters = (rows * groups)[:, None] + cols[None, :]
     c0 = counters.to(tl.uint32, bitcast=True)
     zero = c0 * 0
     r0, r1, r2, r3 = tl.philox(seed, c0, zero + bh.to(tl.uint32), zero, zero)
-    draws = tl.reshape(tl.join(tl.join(r0, r1), tl.join(r2, r3)), [offs_m.shape[0], BLOCK_N])
+    # Draw r_{2x + y} is query i + 8x, key j + 8y. join(a, b)[..., t] is (a, b)[t], so each pair
+    # of joins leaves the query bit x and key bit y last, in an order the permute puts back.
+    if KEYS_FIRST:
+        draws = tl.join(tl.join(r0, r2), tl.join(r1, r3))     # [.., x, y]
+    else:
+        draws = tl.join(tl.join(r0, r1), tl.join(r2, r3))     # [.., y, x]
+    outer: tl.constexpr = 2 * c0.shape[0]
+    inner: tl.constexpr = 2 * c0.shape[1]
+    draws = tl.reshape(draws, [outer // 16, 8, inner // 16, 8, 2, 2])
+    # (outer block, outer low bits, inner block, inner low bits, inner bit 3, outer bit 3)
+    draws = tl.reshape(tl.permute(draws, (0, 5, 1, 2, 4, 3)), [outer, inner])
     # The top 24 bits as a uniform float in [0, 1): exact in float32.
     uniform = (draws.to(tl.uint32, bitcast=True) >> 8).to(tl.float32) * (1.0 / 16777216.0)
     return uniform >= dropout_p
@@ -404,10 +425,11 @@ def _head_base(ptr, bh, H, stride_b, stride_h):
 
 @triton.jit
 def _fwd_step(q, q_e, K, V, start_n, N, stride_kn, stride_kd, stride_vn, stride_vd, m_i, l_i, acc, acc_e,
-              seed, bh, offs_m, qk_scale, dropout_p, KW, KB, k_eps,
+              seed, bh, start_m, qk_scale, dropout_p, KW, KB, k_eps,
               HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_E: tl.constexpr, K_NORM: tl.constexpr,
               DROPOUT: tl.constexpr, INPUT_PRECISION: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr):
-    """One online-softmax step over keys [start_n, +BLOCK_N): the new (m_i, l_i, acc, acc_e).
+    """One online-softmax step of the queries [start_m, +len(q)) over keys [start_n, +BLOCK_N): the
+    new (m_i, l_i, acc, acc_e).
 
     MASKED: some of the keys lie past N (the tail steps); full blocks skip the -inf select."""
     offs_n = start_n + tl.arange(0, BLOCK_N)
@@ -426,7 +448,7 @@ def _fwd_step(q, q_e, K, V, start_n, N, stride_kn, stride_kd, stride_vn, stride_
     l_i = l_i * alpha + tl.sum(p, axis=1)
     if DROPOUT:
         # The normaliser l keeps the dropped weights; 1 / (1 - p) is applied once at the end.
-        p = tl.where(_keep(seed, bh, offs_m, start_n, N, dropout_p, BLOCK_N), p, 0.0)
+        p = tl.where(_keep(seed, bh, start_m, start_n, N, dropout_p, q.shape[0], BLOCK_N, False), p, 0.0)
     p = p.to(v.dtype)
     acc = acc * alpha[:, None] + tl.dot(p, v, input_precision=INPUT_PRECISION)
     if BLOCK_E > 0:
@@ -455,12 +477,12 @@ def _fwd_query_block(Q, K, V, O, LSE, start_m, N, stride_qn, stride_qd, stride_k
     full_end = N // BLOCK_N * BLOCK_N
     for start_n in range(0, full_end, BLOCK_N):
         m_i, l_i, acc, acc_e = _fwd_step(q, q_e, K, V, start_n, N, stride_kn, stride_kd, stride_vn, stride_vd,
-                                         m_i, l_i, acc, acc_e, seed, bh, offs_m, qk_scale, dropout_p, KW, KB, k_eps,
+                                         m_i, l_i, acc, acc_e, seed, bh, start_m, qk_scale, dropout_p, KW, KB, k_eps,
                                          HEAD_DIM, BLOCK_D, BLOCK_E, K_NORM, DROPOUT, INPUT_PRECISION, BLOCK_N,
                                          False)
     for start_n in range(full_end, N, TAIL):
         m_i, l_i, acc, acc_e = _fwd_step(q, q_e, K, V, start_n, N, stride_kn, stride_kd, stride_vn, stride_vd,
-                                         m_i, l_i, acc, acc_e, seed, bh, offs_m, qk_scale, dropout_p, KW, KB, k_eps,
+                                         m_i, l_i, acc, acc_e, seed, bh, start_m, qk_scale, dropout_p, KW, KB, k_eps,
                                          HEAD_DIM, BLOCK_D, BLOCK_E, K_NORM, DROPOUT, INPUT_PRECISION, TAIL, True)
     if DROPOUT:
         inverse = 1.0 / (l_i * (1.0 - dropout_p))
@@ -505,7 +527,7 @@ def _fwd_query_tail(Q, K, V, O, LSE, start_m, N, stride_qn, stride_qd, stride_kn
         pt = tl.exp2(st - m_new[None, :])
         l_i = l_i * alpha + tl.sum(pt, axis=0)
         if DROPOUT:
-            pt = tl.where(tl.trans(_keep(seed, bh, offs_m, start_n, N, dropout_p, WGMMA_M)), pt, 0.0)
+            pt = tl.where(_keep(seed, bh, start_m, start_n, N, dropout_p, TAIL, WGMMA_M, True), pt, 0.0)
         pt = pt.to(v.dtype)
         acc = acc * alpha[None, :] + tl.dot(tl.trans(v), pt, input_precision=INPUT_PRECISION)
         if WIDE_E > 0:
@@ -614,7 +636,7 @@ def _bwd_pair(k, k_e, k_dq, v, v_e, dk, dk_e, dv, dv_e, Q, DO, LSE, delta_rows, 
     # reach no gradient and none of the norms' sums.
     pt = tl.where(n_valid[:, None] & m_valid[None, :], tl.exp2(st - lse[None, :]), 0.0)
     if DROPOUT:
-        keep = tl.trans(_keep(seed, bh, offs_m, start_n, N, dropout_p, BLOCK_N))
+        keep = _keep(seed, bh, start_m, start_n, N, dropout_p, BLOCK_Q, BLOCK_N, True)
     if DV:
         pdt = pt
         if DROPOUT:
@@ -741,7 +763,7 @@ def _bwd_key_tail(Q, K, V, DO, LSE, delta_rows, dqt_rows, DK, DV, start_n, N, ro
         dp = _dot_over_d(do, do_e, v, v_e, WIDE_E, INPUT_PRECISION)
         pd = p
         if DROPOUT:
-            keep = _keep(seed, bh, offs_m, start_n, N, dropout_p, TAIL)
+            keep = _keep(seed, bh, start_m, start_n, N, dropout_p, WGMMA_M, TAIL, False)
             pd = tl.where(keep, p / (1.0 - dropout_p), 0.0)
             dp = tl.where(keep, dp / (1.0 - dropout_p), 0.0)
         pd = pd.to(do.dtype)
