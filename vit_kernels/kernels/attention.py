@@ -312,24 +312,32 @@ def _centred(x, mean, LO: tl.constexpr, WIDTH: tl.constexpr, HEAD_DIM: tl.conste
 
 
 @triton.jit
-def _layer_norm_rows(x, x_e, W, B, eps, BLOCK_D: tl.constexpr, BLOCK_E: tl.constexpr, HEAD_DIM: tl.constexpr):
-    """LayerNorm over the head dim of every row of the fp32 tiles (x, x_e).
-
-    Returns (y, y_e, xhat, xhat_e, rstd); lanes past the head dim of y and xhat are 0, so they add
-    nothing to dot products."""
+def _row_stats(x, x_e, eps, BLOCK_D: tl.constexpr, BLOCK_E: tl.constexpr, HEAD_DIM: tl.constexpr):
+    """(mean, rstd) over the head dim of every row of the fp32 tiles (x, x_e)."""
     mean = _row_sums(x, x_e, BLOCK_E) / HEAD_DIM
     xc = _centred(x, mean, 0, BLOCK_D, HEAD_DIM)
     xc_e = xc
     if BLOCK_E > 0:
         xc_e = _centred(x_e, mean, BLOCK_D, BLOCK_E, HEAD_DIM)
-    rstd = 1.0 / tl.sqrt(_row_sums(xc * xc, xc_e * xc_e, BLOCK_E) / HEAD_DIM + eps)
-    xhat = xc * rstd[:, None]
-    y = xhat * _lane_vector(W, 0, BLOCK_D, HEAD_DIM)[None, :] + _lane_vector(B, 0, BLOCK_D, HEAD_DIM)[None, :]
+    return mean, 1.0 / tl.sqrt(_row_sums(xc * xc, xc_e * xc_e, BLOCK_E) / HEAD_DIM + eps)
+
+
+@triton.jit
+def _normed_lanes(x, mean, rstd, W, B, LO: tl.constexpr, WIDTH: tl.constexpr, HEAD_DIM: tl.constexpr):
+    """(xhat, y) of the fp32 tile x of lanes [LO, +WIDTH) of rows with statistics (mean, rstd):
+    y = xhat * w + b, both 0 past the head dim, so they add nothing to dot products."""
+    xhat = _centred(x, mean, LO, WIDTH, HEAD_DIM) * rstd[:, None]
+    return xhat, xhat * _lane_vector(W, LO, WIDTH, HEAD_DIM)[None, :] + _lane_vector(B, LO, WIDTH, HEAD_DIM)[None, :]
+
+
+@triton.jit
+def _layer_norm_rows(x, x_e, W, B, eps, BLOCK_D: tl.constexpr, BLOCK_E: tl.constexpr, HEAD_DIM: tl.constexpr):
+    """LayerNorm over the head dim of every row of the fp32 tiles (x, x_e): (y, y_e, xhat, xhat_e, rstd)."""
+    mean, rstd = _row_stats(x, x_e, eps, BLOCK_D, BLOCK_E, HEAD_DIM)
+    xhat, y = _normed_lanes(x, mean, rstd, W, B, 0, BLOCK_D, HEAD_DIM)
     xhat_e, y_e = xhat, y
     if BLOCK_E > 0:
-        xhat_e = xc_e * rstd[:, None]
-        y_e = xhat_e * _lane_vector(W, BLOCK_D, BLOCK_E, HEAD_DIM)[None, :] + \
-            _lane_vector(B, BLOCK_D, BLOCK_E, HEAD_DIM)[None, :]
+        xhat_e, y_e = _normed_lanes(x_e, mean, rstd, W, B, BLOCK_D, BLOCK_E, HEAD_DIM)
     return y, y_e, xhat, xhat_e, rstd
 
 
@@ -372,6 +380,29 @@ def _load_normed_tiles(base, offs, rows_valid, stride_n, stride_d, NORM: tl.cons
                                            HEAD_DIM)
         x, x_e = y.to(x.dtype), y_e.to(x.dtype)
     return x, x_e
+
+
+@triton.jit
+def _load_key_tiles(K, offs_n, n_valid, stride_kn, stride_kd, K_NORM: tl.constexpr, KW, KB, k_eps,
+                    BLOCK_D: tl.constexpr, BLOCK_E: tl.constexpr, HEAD_DIM: tl.constexpr):
+    """(k, k_e, k_dq): a backward key block's tiles, LayerNorm-ed when K_NORM, and its second tile
+    again at WGMMA_M lanes, the M of dq^T's second tile (k_e itself without one). The raw lanes
+    are read twice but normalised with one set of statistics: as a second LayerNorm, with its
+    own, the widened tile spilled 8 bytes at head dim 80 with qk-norm and dropout (sm_90)."""
+    k, k_e = _load_tiles(K, offs_n, n_valid, stride_kn, stride_kd, BLOCK_D, BLOCK_E, HEAD_DIM)
+    dtype = k.dtype
+    if K_NORM:
+        x, x_e = k.to(tl.float32), k_e.to(tl.float32)
+        mean, rstd = _row_stats(x, x_e, k_eps, BLOCK_D, BLOCK_E, HEAD_DIM)
+        k = _normed_lanes(x, mean, rstd, KW, KB, 0, BLOCK_D, HEAD_DIM)[1].to(dtype)
+        if BLOCK_E > 0:
+            k_e = _normed_lanes(x_e, mean, rstd, KW, KB, BLOCK_D, BLOCK_E, HEAD_DIM)[1].to(dtype)
+    k_dq = k_e
+    if BLOCK_E > 0:
+        _, k_dq = _load_tiles(K, offs_n, n_valid, stride_kn, stride_kd, BLOCK_D, WGMMA_M, HEAD_DIM)
+        if K_NORM:
+            k_dq = _normed_lanes(k_dq.to(tl.float32), mean, rstd, KW, KB, BLOCK_D, WGMMA_M, HEAD_DIM)[1].to(dtype)
+    return k, k_e, k_dq
 
 
 @triton.jit
@@ -700,12 +731,8 @@ def _bwd_key_block(Q, K, V, DO, LSE, delta_rows, dqt_rows, DK, DV, start_n, N, r
     accumulators at 128 lanes, all of a warpgroup's registers, and every tile spilled."""
     offs_n = start_n + tl.arange(0, BLOCK_N)
     n_valid = offs_n < N
-    k, k_e = _load_normed_tiles(K, offs_n, n_valid, stride_kn, stride_kd, K_NORM, KW, KB, k_eps,
-                                BLOCK_D, BLOCK_E, HEAD_DIM)
-    k_dq = k_e
-    if BLOCK_E > 0:
-        _, k_dq = _load_normed_tiles(K, offs_n, n_valid, stride_kn, stride_kd, K_NORM, KW, KB, k_eps,
-                                     BLOCK_D, WGMMA_M, HEAD_DIM)
+    k, k_e, k_dq = _load_key_tiles(K, offs_n, n_valid, stride_kn, stride_kd, K_NORM, KW, KB, k_eps,
+                                   BLOCK_D, BLOCK_E, HEAD_DIM)
     v, v_e = _load_tiles(V, offs_n, n_valid, stride_vn, stride_vd, BLOCK_D, BLOCK_E, HEAD_DIM)
     dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
