@@ -47,9 +47,6 @@ GATE_PRECISIONS = ("bf16", "fp16", "fp32")
 class Scenario:
     name: str                      # what a user runs, e.g. "ViT-B/16 train b256"
     run: Callable[[torch.dtype], None]
-    # False: reported but not gated (known spills, listed in the README); a variant is gated if
-    # any gated scenario launches it.
-    gated: bool = True
 
 
 @dataclasses.dataclass(frozen=True)
@@ -57,7 +54,6 @@ class Recorded:
     scenario: str
     precision: str
     launch: backend.Launch
-    gated: bool
 
 
 @contextlib.contextmanager
@@ -154,12 +150,6 @@ def _attention_bhnd(shape: tuple) -> Callable[[torch.dtype], None]:
     return run
 
 
-# (head dim, qk-norm, dropout) of the qkv_attention scenarios reported but not gated: their
-# backward spills 8 to 56 bytes of values kept from the prologue (none in a loop over queries) in
-# every config, on triton 3.6 or 3.8, in bf16 or fp16.
-KNOWN_SPILLS = {(80, True, False), (128, False, True), (128, True, True)}
-
-
 def _qkv_attention(head_dim: int, qk_norm: bool, dropout_p: float) -> Callable[[torch.dtype], None]:
     """``vk.ops.qkv_attention`` at batch 256, N 197, on a packed projection with 12 heads of ``head_dim``:
     the head dims no model scenario runs with qk-norm or dropout."""
@@ -176,8 +166,7 @@ def _ops() -> list[Scenario]:
     return [Scenario(f"{op}(recompute={recompute}) fwd+bwd, ViT-B", _vit_b_mlp(op, recompute))
             for op in ("linear_gelu", "mlp") for recompute in (False, True)] + \
         [Scenario(attention_scenario_name(shape), _attention_bhnd(shape)) for shape in ATTENTION_SHAPES] + \
-        [Scenario(f"qkv_attention fwd+bwd, head dim {d}{label}", _qkv_attention(d, qk_norm, p),
-                  gated=(d, qk_norm, p > 0) not in KNOWN_SPILLS)
+        [Scenario(f"qkv_attention fwd+bwd, head dim {d}{label}", _qkv_attention(d, qk_norm, p))
          for d in (80, 128) for label, qk_norm, p in features]
 
 
@@ -202,5 +191,5 @@ def record(scenario_list: list[Scenario], precisions: tuple[str, ...]) -> list[R
                 # The patch-embed extension has no meta kernel and says so; its reference runs instead.
                 warnings.simplefilter("ignore", RuntimeWarning)
                 scenario.run(precision.dtype)
-            recorded += [Recorded(scenario.name, precision_name, launch, scenario.gated) for launch in launches]
+            recorded += [Recorded(scenario.name, precision_name, launch) for launch in launches]
     return recorded

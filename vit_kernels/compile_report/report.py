@@ -33,7 +33,6 @@ class Variant:
     seen_in: set = dataclasses.field(default_factory=set)      # (scenario, precision)
     configs: list = dataclasses.field(default_factory=list)    # every config of the kernel
     kept: list = dataclasses.field(default_factory=list)       # those the autotuner may pick here
-    gated: bool = False                                         # launched by a gated scenario
 
 
 def _config_label(config) -> str:
@@ -94,7 +93,6 @@ def collect_variants(recorded: list[launches.Recorded]) -> dict[tuple, Variant]:
                                         configs=configs,
                                         kept=sm90.kept_configs(launch.kernel, launch.args, launch.kwargs))
         variants[by_identity[identity]].seen_in.add((rec.scenario, rec.precision))
-        variants[by_identity[identity]].gated |= rec.gated
     return variants
 
 
@@ -265,22 +263,18 @@ class Report:
     waves: list[dict]
     attention: list[dict]
 
-    def failures(self, gated: bool = True) -> list[dict]:
-        """The gate's violations: kept configs of variants a gated scenario launches, waves and
-        attention counts. With ``gated=False``: those of the variants only ungated scenarios
-        launch (reported, not gated)."""
-        ids = {v["id"] for v in self.variants if v["gated"] == gated}
-        found = [r for r in self.rows if r["variant_id"] in ids and r["kept"] and r["violations"]]
+    def failures(self) -> list[dict]:
+        """The gate's violations: kept configs of every variant, waves and attention counts."""
+        found = [r for r in self.rows if r["kept"] and r["violations"]]
         found += [dict(kernel=v["kernel"], variant=v["label"], config="-", violations=["no kept config passes"])
-                  for v in self.variants if v["id"] in ids and
-                  not any(r["kept"] and not r["violations"] for r in self.rows if r["variant_id"] == v["id"])]
-        if gated:
-            found += [dict(kernel="vit_kernels.kernels.gemm._gemm", variant=f"M={w['M']} N={w['N']} K={w['K']} "
-                           f"SPLIT_K={w['split_k']}", config=w["config"], violations=w["violations"])
-                      for w in self.waves if w["violations"]]
-            found += [dict(kernel="vit_kernels.kernels.attention", variant=f"N={a['N']} D={a['D']}",
-                           config=f"{a['fwd']} / {a['bwd']}", violations=a["violations"])
-                      for a in self.attention if a["violations"]]
+                  for v in self.variants
+                  if not any(r["kept"] and not r["violations"] for r in self.rows if r["variant_id"] == v["id"])]
+        found += [dict(kernel="vit_kernels.kernels.gemm._gemm", variant=f"M={w['M']} N={w['N']} K={w['K']} "
+                       f"SPLIT_K={w['split_k']}", config=w["config"], violations=w["violations"])
+                  for w in self.waves if w["violations"]]
+        found += [dict(kernel="vit_kernels.kernels.attention", variant=f"N={a['N']} D={a['D']}",
+                       config=f"{a['fwd']} / {a['bwd']}", violations=a["violations"])
+                  for a in self.attention if a["violations"]]
         return found
 
 
@@ -354,13 +348,13 @@ def build(precisions: tuple[str, ...], all_configs: bool, workers: int, kernels:
         result = results[job.key()]
         row = dict(kernel=variant.kernel, variant=variant.label, variant_id=vid, config=_config_label(config),
                    num_warps=dict(job.options)["num_warps"], num_stages=dict(job.options)["num_stages"],
-                   kept=kept, gated=variant.gated, **{k: v for k, v in result.items() if k != "seconds"})
+                   kept=kept, **{k: v for k, v in result.items() if k != "seconds"})
         row["violations"] = violations(row)
         rows.append(row)
     _check_gemm_main_loops(rows)
     variant_rows = [dict(id=vid, kernel=v.kernel, label=v.label,
                          seen_in=sorted(f"{s} [{p}]" for s, p in v.seen_in),
-                         configs=len(v.configs), kept=[_config_label(c) for c in v.kept], gated=v.gated)
+                         configs=len(v.configs), kept=[_config_label(c) for c in v.kept])
                     for vid, v in enumerate(variants.values())]
     meta = dict(**_toolchain(), configs="all" if all_configs else "kept", precisions=list(precisions),
                 date=datetime.date.today().isoformat(), compile_seconds=round(elapsed, 1), workers=workers,
@@ -372,8 +366,7 @@ def build(precisions: tuple[str, ...], all_configs: bool, workers: int, kernels:
 def to_json(report: Report) -> str:
     return json.dumps(dict(meta=report.meta, cold_start=report.cold_start, waves=report.waves,
                            attention=report.attention,
-                           variants=report.variants, rows=report.rows, failures=report.failures(),
-                           ungated_failures=report.failures(gated=False)),
+                           variants=report.variants, rows=report.rows, failures=report.failures()),
                       indent=1, default=str)
 
 
@@ -391,15 +384,10 @@ def to_markdown(report: Report, command: str) -> str:
            "mma.sync, FFMA = dots on the FMA units); loads = TMA, cp.async or plain global loads; loop = SASS "
            "instructions per main-loop iteration (per warp); CTA/SM = resident blocks allowed. "
            "kept = the autotuner may pick it for this variant; pruned configs are shown for what they would cost.", ""]
-    failures, ungated = report.failures(), report.failures(gated=False)
+    failures = report.failures()
     out += ["## Gate", "", f"**{'PASS' if not failures else 'FAIL'}**: {len(failures)} violations in kept configs.", ""]
     for f in failures:
         out.append(f"- {f['kernel']} [{f['variant']}] {f['config']}: {'; '.join(f['violations'])}")
-    if ungated:
-        out += ["", f"Not gated: {len(ungated)} violations in the variants only ungated scenarios launch "
-                "(known spills, see the README):", ""]
-        out += [f"- {f['kernel'].rsplit('.', 1)[-1]} [{f['variant']}] {f['config']}: {'; '.join(f['violations'])}"
-                for f in ungated]
     c = report.cold_start
     per_kernel = ", ".join(f"{kernel.rsplit('.', 1)[-1]} {n}" for kernel, n in c["keys_per_kernel"].items())
     out += ["", "## Cold start of the ViT-B/16 benchmark (bf16)", "",
@@ -440,7 +428,7 @@ def to_markdown(report: Report, command: str) -> str:
         seen = variant["seen_in"]
         out += ["", f"### {variant['kernel'].rsplit('.', 1)[-1]}: {variant['label']}", "",
                 f"Launched by {len(seen)} scenario runs, e.g. {'; '.join(seen[:3])}. "
-                f"Kept: {', '.join(variant['kept']) or 'none'}." + ("" if variant["gated"] else " Not gated."), "",
+                f"Kept: {', '.join(variant['kept']) or 'none'}.", "",
                 "| config | kept | regs | stack | LDL/STL | smem KB | MMA | loads | loop | CTA/SM | verdict |",
                 "|---|:-:|---:|---:|---:|---:|---|---|---:|---:|---|"]
         for r in rows:

@@ -386,22 +386,24 @@ def _load_normed_tiles(base, offs, rows_valid, stride_n, stride_d, NORM: tl.cons
 def _load_key_tiles(K, offs_n, n_valid, stride_kn, stride_kd, K_NORM: tl.constexpr, KW, KB, k_eps,
                     BLOCK_D: tl.constexpr, BLOCK_E: tl.constexpr, HEAD_DIM: tl.constexpr):
     """(k, k_e, k_dq): a backward key block's tiles, LayerNorm-ed when K_NORM, and its second tile
-    again at WGMMA_M lanes, the M of dq^T's second tile (k_e itself without one). The raw lanes
-    are read twice but normalised with one set of statistics: as a second LayerNorm, with its
-    own, the widened tile spilled 8 bytes at head dim 80 with qk-norm and dropout (sm_90)."""
+    again at WGMMA_M lanes, the M of dq^T's second tile (k_e itself without one).
+
+    The norm's statistics are taken over (k, k_dq), two tiles of one shape and so of one register
+    layout: over (k, k_e), whose row sums lie in different layouts, they were added through shared
+    memory, and at head dim 80 the kernel spilled (sm_90, triton 3.8, fp16)."""
     k, k_e = _load_tiles(K, offs_n, n_valid, stride_kn, stride_kd, BLOCK_D, BLOCK_E, HEAD_DIM)
-    dtype = k.dtype
-    if K_NORM:
-        x, x_e = k.to(tl.float32), k_e.to(tl.float32)
-        mean, rstd = _row_stats(x, x_e, k_eps, BLOCK_D, BLOCK_E, HEAD_DIM)
-        k = _normed_lanes(x, mean, rstd, KW, KB, 0, BLOCK_D, HEAD_DIM)[1].to(dtype)
-        if BLOCK_E > 0:
-            k_e = _normed_lanes(x_e, mean, rstd, KW, KB, BLOCK_D, BLOCK_E, HEAD_DIM)[1].to(dtype)
     k_dq = k_e
+    WIDE_E: tl.constexpr = WGMMA_M if BLOCK_E > 0 else 0
     if BLOCK_E > 0:
         _, k_dq = _load_tiles(K, offs_n, n_valid, stride_kn, stride_kd, BLOCK_D, WGMMA_M, HEAD_DIM)
-        if K_NORM:
-            k_dq = _normed_lanes(k_dq.to(tl.float32), mean, rstd, KW, KB, BLOCK_D, WGMMA_M, HEAD_DIM)[1].to(dtype)
+    if K_NORM:
+        dtype = k.dtype
+        x, x_dq = k.to(tl.float32), k_dq.to(tl.float32)
+        mean, rstd = _row_stats(x, x_dq, k_eps, BLOCK_D, WIDE_E, HEAD_DIM)
+        k = _normed_lanes(x, mean, rstd, KW, KB, 0, BLOCK_D, HEAD_DIM)[1].to(dtype)
+        if BLOCK_E > 0:
+            k_e = _normed_lanes(k_e.to(tl.float32), mean, rstd, KW, KB, BLOCK_D, BLOCK_E, HEAD_DIM)[1].to(dtype)
+            k_dq = _normed_lanes(x_dq, mean, rstd, KW, KB, BLOCK_D, WGMMA_M, HEAD_DIM)[1].to(dtype)
     return k, k_e, k_dq
 
 
@@ -446,7 +448,10 @@ def _keep(seed, bh, start_m, start_n, N, dropout_p, ROWS: tl.constexpr, COLS: tl
 
 @triton.jit
 def _head_base(ptr, bh, H, stride_b, stride_h):
-    # 64-bit: b * stride_b passes 2^31 for large batches of packed projections.
+    # 64-bit: b * stride_b passes 2^31 for large batches of packed projections. The kernels take
+    # their batch and head strides as 64-bit parameters, used straight from the constant bank: as
+    # 32-bit ones, widened in registers, they were held through the backward's loops and at head
+    # dim 128 with dropout spilled (sm_90). bh itself stays 32-bit: 64-bit // and % are long.
     return ptr + (bh // H).to(tl.int64) * stride_b + (bh % H).to(tl.int64) * stride_h
 
 
@@ -580,10 +585,12 @@ def _attention_fwd(
     LSE,                            # (B * H, N) fp32 out: log2 sum_j exp2(s_ij) of each query row
     SEED,                           # (1,) int64 Philox seed (None without DROPOUT)
     QW, QB, KW, KB,                 # (D,) weight, bias of the q- and k-norm (None without Q_NORM, K_NORM)
-    stride_qb, stride_qh, stride_qn, stride_qd,     # batch, head, token and feature strides of
-    stride_kb, stride_kh, stride_kn, stride_kd,     # each (B, H, N, D) tensor, in elements
-    stride_vb, stride_vh, stride_vn, stride_vd,
-    stride_ob, stride_oh, stride_on, stride_od,
+    # Batch, head, token and feature strides of each (B, H, N, D) tensor, in elements; the batch
+    # and head strides 64-bit (see _head_base).
+    stride_qb: tl.int64, stride_qh: tl.int64, stride_qn, stride_qd,
+    stride_kb: tl.int64, stride_kh: tl.int64, stride_kn, stride_kd,
+    stride_vb: tl.int64, stride_vh: tl.int64, stride_vn, stride_vd,
+    stride_ob: tl.int64, stride_oh: tl.int64, stride_on, stride_od,
     H, N,                           # heads, tokens
     qk_scale,                       # softmax scale * log2(e)
     q_eps, k_eps, dropout_p,
@@ -643,7 +650,7 @@ def _add_to_dq(dqt_rows, a, b, offs_m, m_valid, start_n, rows, LO: tl.constexpr,
 
 @triton.jit
 def _bwd_pair(k, k_e, k_dq, v, v_e, dk, dk_e, dv, dv_e, Q, DO, LSE, delta_rows, dqt_rows, start_n, start_m, N,
-              rows, stride_qn, stride_qd, stride_don, stride_dod, n_valid, seed, bh, qk_scale, dropout_p,
+              rows, stride_qn, stride_qd, stride_don, stride_dod, n_valid, SEED, bh, qk_scale, dropout_p,
               HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_E: tl.constexpr, DROPOUT: tl.constexpr,
               INPUT_PRECISION: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_Q: tl.constexpr,
               DV: tl.constexpr, DKDQ: tl.constexpr):
@@ -666,7 +673,10 @@ def _bwd_pair(k, k_e, k_dq, v, v_e, dk, dk_e, dv, dv_e, Q, DO, LSE, delta_rows, 
     # reach no gradient and none of the norms' sums.
     pt = tl.where(n_valid[:, None] & m_valid[None, :], tl.exp2(st - lse[None, :]), 0.0)
     if DROPOUT:
-        keep = _keep(seed, bh, start_m, start_n, N, dropout_p, BLOCK_Q, BLOCK_N, True)
+        # The seed is loaded per pair, volatile so that it stays there: loaded once per program,
+        # it let the compiler hoist Philox's key schedule out of the loops, 20 registers held
+        # through them (sm_90: at head dim 128 with dropout, 56 bytes of spills; now none).
+        keep = _keep(tl.load(SEED, volatile=True), bh, start_m, start_n, N, dropout_p, BLOCK_Q, BLOCK_N, True)
     if DV:
         pdt = pt
         if DROPOUT:
@@ -693,7 +703,7 @@ def _bwd_pair(k, k_e, k_dq, v, v_e, dk, dk_e, dv, dv_e, Q, DO, LSE, delta_rows, 
 
 @triton.jit
 def _bwd_queries(k, k_e, k_dq, v, v_e, dk, dk_e, dv, dv_e, Q, DO, LSE, delta_rows, dqt_rows, start_n, N, rows,
-                 stride_qn, stride_qd, stride_don, stride_dod, n_valid, seed, bh, qk_scale, dropout_p,
+                 stride_qn, stride_qd, stride_don, stride_dod, n_valid, SEED, bh, qk_scale, dropout_p,
                  HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_E: tl.constexpr, DROPOUT: tl.constexpr,
                  INPUT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                  DV: tl.constexpr, DKDQ: tl.constexpr):
@@ -705,13 +715,13 @@ def _bwd_queries(k, k_e, k_dq, v, v_e, dk, dk_e, dv, dv_e, Q, DO, LSE, delta_row
     for start_m in range(0, full_end, BLOCK_M):
         dk, dk_e, dv, dv_e = _bwd_pair(k, k_e, k_dq, v, v_e, dk, dk_e, dv, dv_e, Q, DO, LSE, delta_rows, dqt_rows,
                                        start_n, start_m, N, rows, stride_qn, stride_qd, stride_don, stride_dod,
-                                       n_valid, seed, bh, qk_scale, dropout_p, HEAD_DIM, BLOCK_D, BLOCK_E, DROPOUT,
+                                       n_valid, SEED, bh, qk_scale, dropout_p, HEAD_DIM, BLOCK_D, BLOCK_E, DROPOUT,
                                        INPUT_PRECISION, BLOCK_N, BLOCK_M, DV, DKDQ)
     if BLOCK_M > TAIL:
         for start_m in range(full_end, N, TAIL):
             dk, dk_e, dv, dv_e = _bwd_pair(k, k_e, k_dq, v, v_e, dk, dk_e, dv, dv_e, Q, DO, LSE, delta_rows,
                                            dqt_rows, start_n, start_m, N, rows, stride_qn, stride_qd, stride_don,
-                                           stride_dod, n_valid, seed, bh, qk_scale, dropout_p, HEAD_DIM, BLOCK_D,
+                                           stride_dod, n_valid, SEED, bh, qk_scale, dropout_p, HEAD_DIM, BLOCK_D,
                                            BLOCK_E, DROPOUT, INPUT_PRECISION, BLOCK_N, TAIL, DV, DKDQ)
     return dk, dk_e, dv, dv_e
 
@@ -719,7 +729,7 @@ def _bwd_queries(k, k_e, k_dq, v, v_e, dk, dk_e, dv, dv_e, Q, DO, LSE, delta_row
 @triton.jit
 def _bwd_key_block(Q, K, V, DO, LSE, delta_rows, dqt_rows, DK, DV, start_n, N, rows,
                    stride_qn, stride_qd, stride_kn, stride_kd, stride_vn, stride_vd, stride_don, stride_dod,
-                   stride_dkn, stride_dkd, stride_dvn, stride_dvd, seed, bh, scale, qk_scale, dropout_p, KW, KB, k_eps,
+                   stride_dkn, stride_dkd, stride_dvn, stride_dvd, SEED, bh, scale, qk_scale, dropout_p, KW, KB, k_eps,
                    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_E: tl.constexpr, K_NORM: tl.constexpr,
                    DROPOUT: tl.constexpr, INPUT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """dk, dv of keys [start_n, +BLOCK_N) over every query, stored; dq's partial sums updated. With a
@@ -742,14 +752,14 @@ def _bwd_key_block(Q, K, V, DO, LSE, delta_rows, dqt_rows, DK, DV, start_n, N, r
         dv_e = tl.zeros([BLOCK_N, BLOCK_E], tl.float32)
     # dv (with dk and dq in the same pass up to ONE_PASS_LANES lanes), then dk and dq on their own above.
     dk, dk_e, dv, dv_e = _bwd_queries(k, k_e, k_dq, v, v_e, dk, dk_e, dv, dv_e, Q, DO, LSE, delta_rows, dqt_rows,
-                                      start_n, N, rows, stride_qn, stride_qd, stride_don, stride_dod, n_valid, seed,
+                                      start_n, N, rows, stride_qn, stride_qd, stride_don, stride_dod, n_valid, SEED,
                                       bh, qk_scale, dropout_p, HEAD_DIM, BLOCK_D, BLOCK_E, DROPOUT, INPUT_PRECISION,
                                       BLOCK_M, BLOCK_N, True, BLOCK_D + BLOCK_E <= ONE_PASS_LANES)
     _store_tiles(DV, dv, dv_e, offs_n, n_valid, stride_dvn, stride_dvd, BLOCK_D, BLOCK_E, HEAD_DIM)
     if BLOCK_D + BLOCK_E > ONE_PASS_LANES:
         dk, dk_e, dv, dv_e = _bwd_queries(k, k_e, k_dq, v, v_e, dk, dk_e, dv, dv_e, Q, DO, LSE, delta_rows,
                                           dqt_rows, start_n, N, rows, stride_qn, stride_qd, stride_don, stride_dod,
-                                          n_valid, seed, bh, qk_scale, dropout_p, HEAD_DIM, BLOCK_D, BLOCK_E,
+                                          n_valid, SEED, bh, qk_scale, dropout_p, HEAD_DIM, BLOCK_D, BLOCK_E,
                                           DROPOUT, INPUT_PRECISION, BLOCK_M, BLOCK_N, False, True)
     _store_tiles(DK, dk * scale, dk_e * scale, offs_n, n_valid, stride_dkn, stride_dkd, BLOCK_D, BLOCK_E, HEAD_DIM)
 
@@ -757,7 +767,7 @@ def _bwd_key_block(Q, K, V, DO, LSE, delta_rows, dqt_rows, DK, DV, start_n, N, r
 @triton.jit
 def _bwd_key_tail(Q, K, V, DO, LSE, delta_rows, dqt_rows, DK, DV, start_n, N, rows,
                   stride_qn, stride_qd, stride_kn, stride_kd, stride_vn, stride_vd, stride_don, stride_dod,
-                  stride_dkn, stride_dkd, stride_dvn, stride_dvd, seed, bh, scale, qk_scale, dropout_p,
+                  stride_dkn, stride_dkd, stride_dvn, stride_dvd, SEED, bh, scale, qk_scale, dropout_p,
                   HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, WIDE_E: tl.constexpr, DROPOUT: tl.constexpr,
                   INPUT_PRECISION: tl.constexpr):
     """dk, dv of the TAIL keys [start_n, +TAIL) past the last full key block, stored; dq's partial
@@ -789,7 +799,8 @@ def _bwd_key_tail(Q, K, V, DO, LSE, delta_rows, dqt_rows, DK, DV, start_n, N, ro
         dp = _dot_over_d(do, do_e, v, v_e, WIDE_E, INPUT_PRECISION)
         pd = p
         if DROPOUT:
-            keep = _keep(seed, bh, start_m, start_n, N, dropout_p, WGMMA_M, TAIL, False)
+            # The seed loaded per step, as in _bwd_pair.
+            keep = _keep(tl.load(SEED, volatile=True), bh, start_m, start_n, N, dropout_p, WGMMA_M, TAIL, False)
             pd = tl.where(keep, p / (1.0 - dropout_p), 0.0)
             dp = tl.where(keep, dp / (1.0 - dropout_p), 0.0)
         pd = pd.to(do.dtype)
@@ -821,15 +832,17 @@ def _attention_bwd(
     NORM_GRADS,                     # (B * H, 2, 2, D) fp32 out: per head, [q-norm, k-norm] x [dw, db]
     SCRATCH,                        # (programs, (1 + BLOCK_D + BLOCK_E) * rows) fp32: per program, delta and dq^T
     NORMED_Q,                       # (programs, rows, BLOCK_D + BLOCK_E) in q's dtype: the normalised q (Q_NORM only)
-    stride_qb, stride_qh, stride_qn, stride_qd,     # (batch, head, token, feature) strides of q, k, v,
-    stride_kb, stride_kh, stride_kn, stride_kd,     # o, dO, dq, dk, dv
-    stride_vb, stride_vh, stride_vn, stride_vd,
-    stride_ob, stride_oh, stride_on, stride_od,
-    stride_dob, stride_doh, stride_don, stride_dod,
-    stride_dqb, stride_dqh, stride_dqn, stride_dqd,
-    stride_dkb, stride_dkh, stride_dkn, stride_dkd,
-    stride_dvb, stride_dvh, stride_dvn, stride_dvd,
+    # (batch, head, token, feature) strides of q, k, v, o, dO, dq, dk, dv, as in _attention_fwd
+    stride_qb: tl.int64, stride_qh: tl.int64, stride_qn, stride_qd,
+    stride_kb: tl.int64, stride_kh: tl.int64, stride_kn, stride_kd,
+    stride_vb: tl.int64, stride_vh: tl.int64, stride_vn, stride_vd,
+    stride_ob: tl.int64, stride_oh: tl.int64, stride_on, stride_od,
+    stride_dob: tl.int64, stride_doh: tl.int64, stride_don, stride_dod,
+    stride_dqb: tl.int64, stride_dqh: tl.int64, stride_dqn, stride_dqd,
+    stride_dkb: tl.int64, stride_dkh: tl.int64, stride_dkn, stride_dkd,
+    stride_dvb: tl.int64, stride_dvh: tl.int64, stride_dvn, stride_dvd,
     BH, H, N,                       # batch * heads, heads, tokens
+    programs,                       # the launch's programs: the head loop's step
     rows,                           # scratch_rows(N): N rounded up to TAIL
     scale, qk_scale,                # softmax scale; scale * log2(e)
     q_eps, k_eps, dropout_p,
@@ -865,9 +878,8 @@ def _attention_bwd(
     delta_rows = SCRATCH + pid.to(tl.int64) * (1 + BLOCK_D + BLOCK_E) * rows
     dqt_rows = delta_rows + rows
     normed_q_rows = NORMED_Q + pid.to(tl.int64) * rows * (BLOCK_D + BLOCK_E)
-    seed = tl.load(SEED) if DROPOUT else 0
-    for head in range(pid, BH, tl.num_programs(0)):
-        bh = tl.cast(head, tl.int64)  # a tensor in the interpreter too, and 64-bit for the offsets
+    for head in range(pid, BH, programs):
+        bh = tl.cast(head, tl.int32)  # a tensor in the interpreter too
         q_ptr = _head_base(Q, bh, H, stride_qb, stride_qh)
         k_ptr = _head_base(K, bh, H, stride_kb, stride_kh)
         v_ptr = _head_base(V, bh, H, stride_vb, stride_vh)
@@ -904,14 +916,14 @@ def _attention_bwd(
         for start_n in range(0, full_end, BLOCK_N):
             _bwd_key_block(q_dots, k_ptr, v_ptr, do_ptr, lse_ptr, delta_rows, dqt_rows, dk_ptr, dv_ptr, start_n, N,
                            rows, stride_qdots_n, stride_qdots_d, stride_kn, stride_kd, stride_vn, stride_vd,
-                           stride_don, stride_dod, stride_dkn, stride_dkd, stride_dvn, stride_dvd, seed, bh, scale,
+                           stride_don, stride_dod, stride_dkn, stride_dkd, stride_dvn, stride_dvd, SEED, bh, scale,
                            qk_scale, dropout_p, KW, KB, k_eps, HEAD_DIM, BLOCK_D, BLOCK_E, K_NORM, DROPOUT,
                            INPUT_PRECISION, BLOCK_M, BLOCK_N)
             tl.debug_barrier()
         for start_n in range(full_end, N, TAIL):
             _bwd_key_tail(q_dots, k_ptr, v_ptr, do_ptr, lse_ptr, delta_rows, dqt_rows, dk_ptr, dv_ptr, start_n, N,
                           rows, stride_qdots_n, stride_qdots_d, stride_kn, stride_kd, stride_vn, stride_vd, stride_don,
-                          stride_dod, stride_dkn, stride_dkd, stride_dvn, stride_dvd, seed, bh, scale, qk_scale,
+                          stride_dod, stride_dkn, stride_dkd, stride_dvn, stride_dvd, SEED, bh, scale, qk_scale,
                           dropout_p, HEAD_DIM, BLOCK_D, WGMMA_M if BLOCK_E > 0 else 0, DROPOUT, INPUT_PRECISION)
             tl.debug_barrier()
 

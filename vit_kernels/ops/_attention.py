@@ -79,7 +79,7 @@ def _launch_bwd(do, q, k, v, o, lse, dq, dk, dv, seed, scale, dropout_p, norms):
     backend.launcher(kernels._attention_bwd)[(programs,)](
         q, k, v, o, do, lse, dq, dk, dv, seed, qw, qb, kw, kb, norm_grads, scratch, normed_q,
         *q.stride(), *k.stride(), *v.stride(), *o.stride(), *do.stride(), *dq.stride(), *dk.stride(), *dv.stride(),
-        B * H, H, N, rows, scale, scale * LOG2E, q_eps, k_eps, dropout_p, **consts)
+        B * H, H, N, programs, rows, scale, scale * LOG2E, q_eps, k_eps, dropout_p, **consts)
     return norm_grads[:, 0].sum(dim=0), norm_grads[:, 1].sum(dim=0)
 
 
