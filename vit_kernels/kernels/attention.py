@@ -842,7 +842,8 @@ def _attention_bwd(
     stride_dkb: tl.int64, stride_dkh: tl.int64, stride_dkn, stride_dkd,
     stride_dvb: tl.int64, stride_dvh: tl.int64, stride_dvn, stride_dvd,
     BH, H, N,                       # batch * heads, heads, tokens
-    programs,                       # the launch's programs: the head loop's step
+    programs,                       # the launch's programs, the head loop's step: a parameter (constant
+                                    # bank), as tl.num_programs(0) was held in a register and spilled
     rows,                           # scratch_rows(N): N rounded up to TAIL
     scale, qk_scale,                # softmax scale; scale * log2(e)
     q_eps, k_eps, dropout_p,
