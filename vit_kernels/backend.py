@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import importlib.util
 import os
 import threading
@@ -218,6 +219,24 @@ def kernel_op(name: str, fn: Optional[Callable] = None, *, schema: Optional[str]
         op = triton_op(name, fn, mutates_args=(), schema=schema)
     if backward is not None:
         op.register_autograd(backward, setup_context=setup_context)
+    return op
+
+
+def traceable(fn: Callable) -> Callable:
+    """``fn`` (a public op, or a check of its inputs) as one node of an FX graph.
+
+    torch.fx.symbolic_trace, torchvision's create_feature_extractor and timm's FX tools pass
+    proxies, not tensors; they arrive through ``__torch_function__``, as in torch.nn.functional's
+    functions, so ``fn``'s Python checks and dispatch run when the graph runs, on tensors.
+    """
+    @functools.wraps(fn)
+    def op(*args, **kwargs):
+        args_and_kwargs = (*args, *kwargs.values())
+        if torch.overrides.has_torch_function(args_and_kwargs):
+            tensors = tuple(a for a in args_and_kwargs if torch.overrides.is_tensor_like(a)
+                            or isinstance(a, torch.fx.Proxy))
+            return torch.overrides.handle_torch_function(op, tensors, *args, **kwargs)
+        return fn(*args, **kwargs)
     return op
 
 

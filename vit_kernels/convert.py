@@ -5,8 +5,9 @@ children under the same names, registered with nn.Module's public API (``_adopt`
 state_dict keys and values, an optimizer made before the call, and module names are unchanged.
 A module with hooks registered on it is never replaced: it stays where it is, so its hooks keep
 firing, and the report says so. Nothing is mutated but the modules that hold the swapped ones
-and, on a timm VisionTransformer, two instance attributes (``forward``, ``forward_features``)
-that run the fused residual stream (vk's own VisionTransformer runs it without them); the
+and, on a timm VisionTransformer, three instance attributes (``forward``, ``forward_features``,
+``forward_intermediates``) that run the fused residual stream (vk's own VisionTransformer runs it
+without them); the
 original modules are kept, and ``restore(model)`` puts them back. Classes are never patched.
 """
 from __future__ import annotations
@@ -14,19 +15,23 @@ from __future__ import annotations
 import logging
 from collections import OrderedDict
 from dataclasses import dataclass, field
-from types import MethodType
+from functools import partial
 from typing import Callable, Dict, Optional, Union
 
 import torch
-from torch import Tensor, nn
+from torch import nn
 
 from . import backend, layers
 from .layers import has_hooks
-from .vision_transformer import VisionTransformer, class_token_only, embed_tokens, run_blocks
+from .vision_transformer import (VisionTransformer, fused_forward, fused_forward_features,
+                                 fused_forward_intermediates)
 
 log = logging.getLogger(__name__)
 
 _ORIGINALS = "_vit_kernels_originals"
+# The methods of a timm VisionTransformer that optimize overrides on the instance, and with what.
+_FUSED_METHODS = {"forward": fused_forward, "forward_features": fused_forward_features,
+                  "forward_intermediates": fused_forward_intermediates}
 REPORT_ATTR = "vit_kernels_report"
 _HOOKED = "hooks are registered on it: left as it is, so they fire"
 
@@ -130,7 +135,7 @@ def optimize(model: nn.Module, *, attention: bool = True, mlp: bool = True, norm
         if getattr(model, "attn_pool", None) is not None:
             report.unsupported["attn_pool"] = "the attention-pool head runs unfused"
     vk_model = type(model) is VisionTransformer
-    overridden = {"forward", "forward_features"} & model.__dict__.keys()
+    overridden = _FUSED_METHODS.keys() & model.__dict__.keys()
     override_forward = known_model and not vk_model and norm and not overridden
     if known_model and (norm or vk_model) and overridden:
         report.unsupported["(model)"] = "an instance-level forward override is in place: kept"
@@ -142,8 +147,10 @@ def optimize(model: nn.Module, *, attention: bool = True, mlp: bool = True, norm
         _set_submodule(model, name, new)
         report.swapped[name] = type(new).__name__
     if override_forward:
-        model.forward = MethodType(_fused_forward, model)
-        model.forward_features = MethodType(_fused_forward_features, model)
+        # functools.partial, not a bound method: it pickles (by the functions' names), so
+        # torch.save(model) / torch.load and copy.deepcopy keep the fused forward.
+        for attr, fused in _FUSED_METHODS.items():
+            setattr(model, attr, partial(fused, model))
     report.fused_stream = override_forward or (vk_model and not overridden)
     setattr(model, _ORIGINALS, originals)
     setattr(model, REPORT_ATTR, report)
@@ -159,7 +166,7 @@ def restore(model: nn.Module) -> nn.Module:
     for name, original in reversed(originals.items()):
         original.train(model.get_submodule(name).training)
         _set_submodule(model, name, original)
-    for attr in ("forward", "forward_features", REPORT_ATTR):
+    for attr in (*_FUSED_METHODS, REPORT_ATTR):
         model.__dict__.pop(attr, None)
     return model
 
@@ -311,18 +318,3 @@ def _why_not_fused(block: nn.Module, types: _Types) -> Optional[str]:
 def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
     parent, _, leaf = name.rpartition(".")
     setattr(model.get_submodule(parent) if parent else model, leaf, module)
-
-
-# --- the fused forward of a timm VisionTransformer (bound to the instance) ---------------------
-
-def _fused_forward_features(self, x: Tensor, attn_mask: Optional[Tensor] = None, is_causal: bool = False) -> Tensor:
-    if attn_mask is not None or is_causal:
-        return type(self).forward_features(self, x, attn_mask=attn_mask, is_causal=is_causal)
-    return run_blocks(self.blocks, embed_tokens(self, x), self.norm, self.grad_checkpointing)
-
-
-def _fused_forward(self, x: Tensor, attn_mask: Optional[Tensor] = None, is_causal: bool = False) -> Tensor:
-    if attn_mask is not None or is_causal:
-        return type(self).forward(self, x, attn_mask=attn_mask, is_causal=is_causal)
-    x = run_blocks(self.blocks, embed_tokens(self, x), self.norm, self.grad_checkpointing, class_token_only(self))
-    return self.forward_head(x)

@@ -19,7 +19,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.jit import Final
 
-from . import ops
+from . import backend, ops
 from .reference import residual_branch
 
 LayerType = Union[str, Callable, Type[nn.Module]]
@@ -27,6 +27,16 @@ LayerType = Union[str, Callable, Type[nn.Module]]
 
 def to_2tuple(x) -> Tuple[int, int]:
     return tuple(x) if isinstance(x, (tuple, list)) else (x, x)
+
+
+def refuse_torchscript(module: nn.Module) -> nn.Module:
+    """``__prepare_scriptable__`` of the modules that call vit_kernels' ops: torch.jit.script calls
+    it first, and it says what to do instead of failing on an annotation deep in the class."""
+    raise TypeError(
+        f"torch.jit.script: {type(module).__name__} is a vit_kernels module, which TorchScript cannot "
+        "compile (its ops dispatch in Python to Triton kernels and a C++/CUDA extension). Use "
+        "torch.compile, torch.export or torch.onnx.export instead; torch.jit.trace records the ops. For "
+        "a timm model passed through vk.optimize, vk.restore(model) gives back timm's modules, which script.")
 
 
 def drop_path(x: torch.Tensor, drop_prob: float = 0.0, training: bool = False,
@@ -68,6 +78,8 @@ class DropPath(nn.Module):
 
 class LayerNorm(nn.LayerNorm):
     """``nn.LayerNorm`` over the last dim (eps 1e-6 as timm's), running on the add+LayerNorm op."""
+
+    __prepare_scriptable__ = refuse_torchscript
 
     def __init__(self, num_channels: int, eps: float = 1e-6, affine: bool = True, **kwargs):
         super().__init__(num_channels, eps=eps, elementwise_affine=affine, **kwargs)
@@ -129,11 +141,16 @@ def fused_activation_name(act: nn.Module) -> Optional[str]:
 _HOOK_DICTS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks",
                "_state_dict_hooks", "_state_dict_pre_hooks", "_load_state_dict_pre_hooks",
                "_load_state_dict_post_hooks")
+# The hooks torch.nn.modules.module.register_module_forward_hook & co. put on every module.
+_GLOBAL_HOOK_DICTS = ("_global_forward_hooks", "_global_forward_pre_hooks", "_global_backward_hooks",
+                      "_global_backward_pre_hooks")
 
 
 def has_hooks(module: nn.Module) -> bool:
-    """Whether hooks are registered on ``module`` itself (fusing it away would skip them)."""
-    return any(getattr(module, name, None) for name in _HOOK_DICTS)
+    """Whether hooks are registered on ``module`` itself, or on every module (fusing it away would
+    skip them)."""
+    return (any(getattr(module, name, None) for name in _HOOK_DICTS)
+            or any(getattr(torch.nn.modules.module, name, None) for name in _GLOBAL_HOOK_DICTS))
 
 
 def is_last_dim_layer_norm(norm: nn.Module) -> bool:
@@ -152,6 +169,7 @@ class Attention(nn.Module):
     the attention map, as in timm.
     """
     fused_attn: Final[bool]
+    __prepare_scriptable__ = refuse_torchscript
 
     def __init__(self, dim: int, num_heads: int = 8, qkv_bias: bool = False, qk_norm: bool = False,
                  scale_norm: bool = False, proj_bias: bool = True, attn_drop: float = 0.0,
@@ -182,14 +200,16 @@ class Attention(nn.Module):
         B, N, _ = x.shape
         qkv = self.qkv(x)
         dropout_p = self.attn_drop.p if self.training else 0.0
-        if self.fused_attn and attn_mask is None and not is_causal:
+        if self.fused_attn and attn_mask is None and not is_causal and self._norms_fuse(qkv):
             x = ops.qkv_attention(qkv, self.num_heads, scale=self.scale, dropout_p=dropout_p,
                                   q_norm=None if isinstance(self.q_norm, nn.Identity) else self.q_norm,
                                   k_norm=None if isinstance(self.k_norm, nn.Identity) else self.k_norm)
         else:
             q, k, v = qkv.reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
             q, k = self.q_norm(q), self.k_norm(k)
-            if self.fused_attn:
+            if self.fused_attn and attn_mask is None and not is_causal:
+                x = ops.attention(q, k, v, scale=self.scale, dropout_p=dropout_p)
+            elif self.fused_attn:
                 x = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p,
                                                    is_causal=is_causal, scale=self.scale)
             else:
@@ -200,6 +220,14 @@ class Attention(nn.Module):
             x = x.transpose(1, 2).reshape(B, N, self.attn_dim)
         x = self.norm(x)
         return self.proj_drop(self.proj(x))
+
+    def _norms_fuse(self, qkv) -> bool:
+        """Whether q_norm and k_norm can run inside ``qkv_attention``: not with hooks on them (they
+        would not fire), nor while FX traces a qk-norm (an FX node's arguments are tensors, not modules)."""
+        if has_hooks(self.q_norm) or has_hooks(self.k_norm):
+            return False
+        no_norms = isinstance(self.q_norm, nn.Identity) and isinstance(self.k_norm, nn.Identity)
+        return no_norms or not isinstance(qkv, torch.fx.Proxy)
 
 
 def _attention_bias(n: int, scores: torch.Tensor, attn_mask: Optional[torch.Tensor],
@@ -236,6 +264,7 @@ class Mlp(nn.Module):
 
     With a GELU-family activation and nothing active between fc1 and fc2 the three run as one
     ``vk.ops.mlp``; otherwise fc1 + activation run as ``linear_gelu`` and fc2 as ``linear``."""
+    __prepare_scriptable__ = refuse_torchscript
 
     def __init__(self, in_features: int, hidden_features: Optional[int] = None,
                  out_features: Optional[int] = None, act_layer: LayerType = nn.GELU,
@@ -291,6 +320,7 @@ class Block(nn.Module):
     does the add before it; LayerScale and DropPath (vk's, without hooks) are folded into that
     op; any other norm, ls or drop_path module runs as itself.
     """
+    __prepare_scriptable__ = refuse_torchscript
 
     def __init__(self, dim: int, num_heads: int, mlp_ratio: float = 4.0, qkv_bias: bool = False,
                  qk_norm: bool = False, scale_attn_norm: bool = False, scale_mlp_norm: bool = False,
@@ -368,9 +398,27 @@ def add_norm(x: torch.Tensor, pending: Pending, norm: nn.Module) -> Tuple[torch.
     return ops.add_layer_norm(branch, x, norm.weight, norm.bias, norm.eps, gamma=gamma, row_scale=row_scale)
 
 
+@backend.traceable
+def check_images(x: torch.Tensor, in_chans: int, img_size: Optional[Tuple[int, int]], strict_img_size: bool,
+                 dynamic_img_pad: bool, patch_size: Tuple[int, int]) -> None:
+    """Raise a ValueError naming what is wrong with an image batch for a PatchEmbed."""
+    if x.dim() != 4:
+        raise ValueError(f"input must have shape (B, C, H, W); got {tuple(x.shape)}")
+    if x.shape[1] != in_chans:
+        raise ValueError(f"input has {x.shape[1]} channels; expected in_chans = {in_chans}")
+    H, W = x.shape[-2:]
+    if img_size is not None and strict_img_size and (H, W) != img_size:
+        raise ValueError(f"input size ({H}, {W}) does not match img_size {img_size} "
+                         "(create the model with dynamic_img_size=True for other sizes)")
+    if not dynamic_img_pad and (H % patch_size[0] or W % patch_size[1]):
+        raise ValueError(f"input size ({H}, {W}) is not divisible by patch_size {patch_size} "
+                         "(set dynamic_img_pad=True to pad)")
+
+
 class PatchEmbed(nn.Module):
     """Image (B, C, H, W) -> patch tokens (B, L, D) (or NCHW/NHWC with ``output_fmt``)."""
     dynamic_img_pad: Final[bool]
+    __prepare_scriptable__ = refuse_torchscript
 
     def __init__(self, img_size: Optional[Union[int, Tuple[int, int]]] = 224, patch_size: int = 16,
                  in_chans: int = 3, embed_dim: int = 768, norm_layer: Optional[LayerType] = None,
@@ -408,17 +456,7 @@ class PatchEmbed(nn.Module):
 
     def check_input(self, x: torch.Tensor) -> None:
         """Raise a ValueError naming what is wrong with an input image batch."""
-        if x.dim() != 4:
-            raise ValueError(f"input must have shape (B, C, H, W); got {tuple(x.shape)}")
-        if x.shape[1] != self.in_chans:
-            raise ValueError(f"input has {x.shape[1]} channels; expected in_chans = {self.in_chans}")
-        H, W = x.shape[-2:]
-        if self.img_size is not None and self.strict_img_size and (H, W) != self.img_size:
-            raise ValueError(f"input size ({H}, {W}) does not match img_size {self.img_size} "
-                             "(create the model with dynamic_img_size=True for other sizes)")
-        if not self.dynamic_img_pad and (H % self.patch_size[0] or W % self.patch_size[1]):
-            raise ValueError(f"input size ({H}, {W}) is not divisible by patch_size {self.patch_size} "
-                             "(set dynamic_img_pad=True to pad)")
+        check_images(x, self.in_chans, self.img_size, self.strict_img_size, self.dynamic_img_pad, self.patch_size)
 
     def pad(self, x: torch.Tensor) -> torch.Tensor:
         """Pad right/bottom to a multiple of the patch when ``dynamic_img_pad``."""
@@ -431,8 +469,10 @@ class PatchEmbed(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self.check_input(x)
         x = self.pad(x)
-        if self.flatten:
+        if self.flatten and not has_hooks(self.proj):
             x = ops.patch_embed(x, self.proj.weight, self.proj.bias)
+        elif self.flatten:
+            x = self.proj(x).flatten(2).transpose(1, 2)
         else:
             x = self.proj(x)
             if self.output_fmt == "NHWC":

@@ -18,8 +18,8 @@ from torch.utils.checkpoint import checkpoint
 
 from . import ops
 from .layers import (Attention, AttentionPoolLatent, Block, LayerNorm, LayerType, Mlp, PatchDropout,
-                     PatchEmbed, add_norm, add_pending, get_act_layer, get_norm_layer, has_hooks,
-                     resample_abs_pos_embed, to_2tuple)
+                     PatchEmbed, Pending, add_norm, add_pending, get_act_layer, get_norm_layer, has_hooks,
+                     refuse_torchscript, resample_abs_pos_embed, to_2tuple)
 
 GLOBAL_POOLS = ("", "token", "avg", "max", "avgmax", "map")
 POS_EMBEDS = ("", "none", "learn")
@@ -87,6 +87,7 @@ def global_pool_nlc(x: torch.Tensor, pool_type: str = "token", num_prefix_tokens
 class VisionTransformer(nn.Module):
     """Vision Transformer (Dosovitskiy et al., 2020) as in timm, its hot paths on vit_kernels' ops."""
     dynamic_img_size: Final[bool]
+    __prepare_scriptable__ = refuse_torchscript
 
     def __init__(
             self,
@@ -329,22 +330,9 @@ class VisionTransformer(nn.Module):
         """Images (B, C, H, W) -> tokens (B, prefix + L, D) ready for the blocks."""
         return embed_tokens(self, x)
 
-    def _run_block(self, block: nn.Module, x: torch.Tensor, attn_mask: Optional[torch.Tensor],
-                   is_causal: bool) -> torch.Tensor:
-        if attn_mask is not None or is_causal:
-            return block(x, attn_mask=attn_mask, is_causal=is_causal)
-        if self.grad_checkpointing and torch.is_grad_enabled() and not torch.jit.is_scripting():
-            return checkpoint(block, x, use_reentrant=False)
-        return block(x)
-
     def forward_features(self, x: torch.Tensor, attn_mask: Optional[torch.Tensor] = None,
                          is_causal: bool = False) -> torch.Tensor:
-        x = self.embed(x)
-        if attn_mask is None and not is_causal:
-            return run_blocks(self.blocks, x, self.norm, self.grad_checkpointing)
-        for block in self.blocks:
-            x = self._run_block(block, x, attn_mask, is_causal)
-        return self.norm(x)
+        return fused_forward_features(self, x, attn_mask=attn_mask, is_causal=is_causal)
 
     def forward_intermediates(
             self,
@@ -360,37 +348,8 @@ class VisionTransformer(nn.Module):
             is_causal: bool = False,
     ):
         """Features and the outputs of the chosen blocks (as timm's ``forward_intermediates``)."""
-        _check_choice("output_fmt", output_fmt, ("NCHW", "NLC"))
-        taken, max_index = take_indices(len(self.blocks), indices)
-        height, width = x.shape[-2:]
-        x = self.embed(x)
-        blocks = self.blocks[:max_index + 1] if stop_early else self.blocks
-        intermediates = []
-        for i, block in enumerate(blocks):
-            x = self._run_block(block, x, attn_mask, is_causal)
-            if i in taken:
-                intermediates.append(self.norm(x) if norm else x)
-
-        prefix_tokens = None
-        if self.num_prefix_tokens:
-            prefix_tokens = [y[:, :self.num_prefix_tokens] for y in intermediates]
-            intermediates = [y[:, self.num_prefix_tokens:] for y in intermediates]
-        if output_fmt == "NCHW":
-            H, W = self.patch_embed.dynamic_feat_size((height, width))
-            intermediates = [y.unflatten(1, (H, W)).permute(0, 3, 1, 2).contiguous() for y in intermediates]
-
-        if output_dict:
-            result = {"image_intermediates": intermediates}
-            if prefix_tokens is not None and return_prefix_tokens:
-                result["image_intermediates_prefix"] = prefix_tokens
-            if not intermediates_only:
-                result["image_features"] = self.norm(x)
-            return result
-        if return_prefix_tokens and prefix_tokens is not None:
-            intermediates = list(zip(intermediates, prefix_tokens))
-        if intermediates_only:
-            return intermediates
-        return self.norm(x), intermediates
+        return fused_forward_intermediates(self, x, indices, return_prefix_tokens, norm, stop_early, output_fmt,
+                                           intermediates_only, output_dict, attn_mask, is_causal)
 
     def prune_intermediate_layers(self, indices: Union[int, List[int]] = 1, prune_norm: bool = False,
                                   prune_head: bool = True) -> List[int]:
@@ -426,12 +385,7 @@ class VisionTransformer(nn.Module):
 
     def forward(self, x: torch.Tensor, attn_mask: Optional[torch.Tensor] = None,
                 is_causal: bool = False) -> torch.Tensor:
-        if attn_mask is None and not is_causal:
-            x = run_blocks(self.blocks, self.embed(x), self.norm, self.grad_checkpointing,
-                           class_token_only(self))
-        else:
-            x = self.forward_features(x, attn_mask=attn_mask, is_causal=is_causal)
-        return self.forward_head(x)
+        return fused_forward(self, x, attn_mask=attn_mask, is_causal=is_causal)
 
 
 # --- the forward of a timm or vit_kernels VisionTransformer, from its parts -------------------
@@ -446,10 +400,12 @@ def embed_tokens(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
 
     With vk's PatchEmbed (flattened, no norm), a fixed image size and no active pos-dropout,
     patch projection, prefix tokens and position embedding run as one ``patch_embed`` op;
-    otherwise the model's own ``patch_embed`` and ``_pos_embed``.
+    otherwise (also when a hook is on a module the op would skip) the model's own
+    ``patch_embed`` and ``_pos_embed``.
     """
     pe = model.patch_embed
-    if (type(pe) is PatchEmbed and pe.flatten and isinstance(pe.norm, nn.Identity) and not has_hooks(pe)
+    if (type(pe) is PatchEmbed and pe.flatten and isinstance(pe.norm, nn.Identity)
+            and not any(has_hooks(m) for m in (pe, pe.proj, pe.norm, model.pos_drop))
             and not model.dynamic_img_size and (model.pos_drop.p == 0.0 or not model.training)):
         pe.check_input(x)
         x = ops.patch_embed(pe.pad(x), pe.proj.weight, pe.proj.bias, pos_embed=model.pos_embed,
@@ -460,31 +416,102 @@ def embed_tokens(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
 
 
 def class_token_only(model: nn.Module) -> bool:
-    """Whether ``model``'s head reads token 0 only (eval mode, class-token pooling, no attention pool)."""
-    return not model.training and model.global_pool == "token" and getattr(model, "attn_pool", None) is None
+    """Whether ``model``'s head reads token 0 only (eval mode, class-token pooling, no attention pool),
+    so its last block's MLP may run on that token alone: not when a hook is on a module that would
+    then see one token instead of all (the last block's and the final norm)."""
+    if (model.training or model.global_pool != "token" or getattr(model, "attn_pool", None) is not None
+            or len(model.blocks) == 0):
+        return False
+    return not any(has_hooks(m) for m in (*model.blocks[-1].modules(), model.norm))
+
+
+def _run_block(block: nn.Module, x: torch.Tensor, pending: Pending, grad_checkpointing: bool,
+               cls_only: bool = False, attn_mask: Optional[torch.Tensor] = None, is_causal: bool = False
+               ) -> Tuple[torch.Tensor, Pending]:
+    """(stream, pending add) after ``block``. A ``layers.Block`` without hooks runs fused and leaves its
+    MLP's add pending; any other block (or one with hooks: they fire) runs as itself on the stream
+    with the pending add done. ``cls_only``: see ``Block.forward_fused``."""
+    masks = {} if attn_mask is None and not is_causal else dict(attn_mask=attn_mask, is_causal=is_causal)
+    if type(block) is Block and not has_hooks(block):
+        args = (x, pending, cls_only, attn_mask, is_causal)
+        return checkpoint(block.forward_fused, *args, use_reentrant=False) if grad_checkpointing \
+            else block.forward_fused(*args)
+    x = add_pending(x, pending)
+    return (checkpoint(block, x, **masks, use_reentrant=False) if grad_checkpointing else block(x, **masks)), None
 
 
 def run_blocks(blocks, x: torch.Tensor, final_norm: nn.Module, grad_checkpointing: bool = False,
-               cls_only: bool = False) -> torch.Tensor:
+               cls_only: bool = False, attn_mask: Optional[torch.Tensor] = None, is_causal: bool = False
+               ) -> torch.Tensor:
     """final_norm(blocks(x)), every residual add of a ``layers.Block`` done by the LayerNorm after it.
 
-    Other blocks, and blocks with hooks, run as they are (their hooks fire) after the pending add
-    is done. ``cls_only`` applies when the last block is a ``Block``: the result is then (B, 1, C).
+    ``cls_only`` applies when the last block is a ``Block``: the result is then (B, 1, C).
     """
     blocks = list(blocks)
     grad_checkpointing = grad_checkpointing and torch.is_grad_enabled()
     pending = None
     for i, block in enumerate(blocks):
-        if type(block) is Block and not has_hooks(block):
-            last_cls_only = cls_only and i == len(blocks) - 1
-            if grad_checkpointing:
-                x, pending = checkpoint(block.forward_fused, x, pending, last_cls_only, use_reentrant=False)
-            else:
-                x, pending = block.forward_fused(x, pending, last_cls_only)
-        else:
-            x, pending = add_pending(x, pending), None
-            x = checkpoint(block, x, use_reentrant=False) if grad_checkpointing else block(x)
+        x, pending = _run_block(block, x, pending, grad_checkpointing, cls_only and i == len(blocks) - 1,
+                                attn_mask, is_causal)
     return add_norm(x, pending, final_norm)[0]
+
+
+# The forward methods of a vk VisionTransformer, and of a timm one after ``optimize`` (bound to the
+# instance): timm's computation, on the fused residual stream.
+
+def fused_forward_features(model: nn.Module, x: torch.Tensor, attn_mask: Optional[torch.Tensor] = None,
+                           is_causal: bool = False) -> torch.Tensor:
+    return run_blocks(model.blocks, embed_tokens(model, x), model.norm, model.grad_checkpointing,
+                      attn_mask=attn_mask, is_causal=is_causal)
+
+
+def fused_forward(model: nn.Module, x: torch.Tensor, attn_mask: Optional[torch.Tensor] = None,
+                  is_causal: bool = False) -> torch.Tensor:
+    x = run_blocks(model.blocks, embed_tokens(model, x), model.norm, model.grad_checkpointing,
+                   class_token_only(model), attn_mask, is_causal)
+    return model.forward_head(x)
+
+
+def fused_forward_intermediates(model: nn.Module, x: torch.Tensor, indices: Optional[Union[int, List[int]]] = None,
+                                return_prefix_tokens: bool = False, norm: bool = False, stop_early: bool = False,
+                                output_fmt: str = "NCHW", intermediates_only: bool = False,
+                                output_dict: bool = False, attn_mask: Optional[torch.Tensor] = None,
+                                is_causal: bool = False):
+    """timm's ``forward_intermediates``. The stream runs exactly as in ``fused_forward_features`` (a
+    taken block's output is read beside it, its pending add left to the next LayerNorm), so the
+    features equal forward_features' bit for bit."""
+    _check_choice("output_fmt", output_fmt, ("NCHW", "NLC"))
+    taken, max_index = take_indices(len(model.blocks), indices)
+    height, width = x.shape[-2:]
+    x = embed_tokens(model, x)
+    blocks = model.blocks[:max_index + 1] if stop_early else model.blocks
+    grad_checkpointing = model.grad_checkpointing and torch.is_grad_enabled()
+    pending, intermediates = None, []
+    for i, block in enumerate(blocks):
+        x, pending = _run_block(block, x, pending, grad_checkpointing, attn_mask=attn_mask, is_causal=is_causal)
+        if i in taken:
+            intermediates.append(add_norm(x, pending, model.norm)[0] if norm else add_pending(x, pending))
+
+    prefix_tokens = None
+    if model.num_prefix_tokens:
+        prefix_tokens = [y[:, :model.num_prefix_tokens] for y in intermediates]
+        intermediates = [y[:, model.num_prefix_tokens:] for y in intermediates]
+    if output_fmt == "NCHW":
+        H, W = model.patch_embed.dynamic_feat_size((height, width))
+        intermediates = [y.unflatten(1, (H, W)).permute(0, 3, 1, 2).contiguous() for y in intermediates]
+
+    if output_dict:
+        result = {"image_intermediates": intermediates}
+        if prefix_tokens is not None and return_prefix_tokens:
+            result["image_intermediates_prefix"] = prefix_tokens
+        if not intermediates_only:
+            result["image_features"] = add_norm(x, pending, model.norm)[0]
+        return result
+    if return_prefix_tokens and prefix_tokens is not None:
+        intermediates = list(zip(intermediates, prefix_tokens))
+    if intermediates_only:
+        return intermediates
+    return add_norm(x, pending, model.norm)[0], intermediates
 
 
 def _lecun_normal_(tensor: torch.Tensor) -> None:

@@ -147,6 +147,7 @@ def _check(name: str, t: Optional[Tensor], x: Tensor, shape: tuple, dtypes: tupl
         raise ValueError(f"{name} has dtype {t.dtype}; expected one of {dtypes}")
 
 
+@backend.traceable
 def add_layer_norm(x: Tensor, residual: Optional[Tensor], weight: Optional[Tensor],
                    bias: Optional[Tensor], eps: float = 1e-6, gamma: Optional[Tensor] = None,
                    row_scale: Optional[Tensor] = None,

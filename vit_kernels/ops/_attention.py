@@ -223,6 +223,7 @@ def _fused_layer_norm(norm, head_dim: int, like: Tensor):
     return weight.contiguous(), bias.contiguous(), float(norm.eps)
 
 
+@backend.traceable
 def attention(q: Tensor, k: Tensor, v: Tensor, scale: Optional[float] = None, dropout_p: float = 0.0) -> Tensor:
     """softmax(scale * q @ k^T) @ v; q, k, v of shape (B, H, N, D) with any strides."""
     for name, t in (("q", q), ("k", k), ("v", v)):
@@ -247,6 +248,7 @@ def attention(q: Tensor, k: Tensor, v: Tensor, scale: Optional[float] = None, dr
     return attention_fwd_op(q, k, v, scale, dropout_p, _seed(q, dropout_p), False)[0]
 
 
+@backend.traceable
 def qkv_attention(qkv: Tensor, num_heads: int, scale: Optional[float] = None,
                   dropout_p: float = 0.0, q_norm=None, k_norm=None) -> Tensor:
     """Attention read from the packed (B, N, 3 * C) qkv projection; returns (B, N, C).

@@ -223,12 +223,14 @@ def _run(x, weight, bias, activation: str, recompute: bool) -> Optional[torch.Te
     return out.reshape(*x.shape[:-1], weight.shape[0])
 
 
+@backend.traceable
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
     """x @ weight^T + bias, as ``F.linear``: x (..., K), weight (N, K), bias (N,) -> (..., N)."""
     out = _run(x, weight, bias, "none", False)
     return reference.linear(x, weight, bias) if out is None else out
 
 
+@backend.traceable
 def linear_gelu(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None,
                 activation: str = "gelu", *, recompute: bool = False) -> torch.Tensor:
     """activation(x @ weight^T + bias): "gelu" (exact erf), "gelu_tanh" or "quick_gelu".

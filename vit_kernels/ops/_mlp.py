@@ -90,6 +90,7 @@ def _backward(ctx, grad, _grad_pre, _grad_h):
 mlp_fwd_op = backend.kernel_op("vit_kernels::mlp_fwd", _fwd, backward=_backward, setup_context=_setup_context)
 
 
+@backend.traceable
 def mlp(x: torch.Tensor, fc1_weight: torch.Tensor, fc1_bias: Optional[torch.Tensor], fc2_weight: torch.Tensor,
         fc2_bias: Optional[torch.Tensor] = None, activation: str = "gelu", *, recompute: bool = False) -> torch.Tensor:
     """fc2(act(fc1(x))): x (..., C), fc1_weight (H, C), fc1_bias (H,), fc2_weight (C_out, H),

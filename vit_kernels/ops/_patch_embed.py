@@ -137,6 +137,7 @@ def _reference(images, weight, bias, pos_embed, prefix_tokens, mean, std, pad) -
     return reference.patch_embed(images, weight, bias, pos_embed, prefix_tokens, mean, std)
 
 
+@backend.traceable
 def patch_embed(images: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None,
                 pos_embed: Optional[torch.Tensor] = None, prefix_tokens: Optional[torch.Tensor] = None,
                 mean: Union[torch.Tensor, Sequence[float], None] = None,
