@@ -250,12 +250,24 @@ def refuse_double_backward(op: str) -> None:
             "supported by the kernels; run that computation under vk.use_backend('torch')")
 
 
+def reference_reason() -> Optional[str]:
+    """Why every op runs its PyTorch reference now, or None: backend "torch", or an ONNX export
+    (either exporter), whose graph must be standard ONNX ops; Triton kernels and the C++/CUDA
+    extension have no ONNX form, and onnxruntime could not run them."""
+    if get_backend() == "torch":
+        return "backend 'torch' selected"
+    if torch.onnx.is_in_onnx_export():
+        return "an ONNX export records the PyTorch reference (standard ONNX ops)"
+    return None
+
+
 def kernel_choice(device: torch.device | str) -> tuple[str, str]:
     """("triton" | "torch", why) for a tensor on ``device`` under the current backend."""
     device = torch.device(device)
     current = get_backend()
-    if current == "torch":
-        return "torch", "backend 'torch' selected"
+    reason = reference_reason()
+    if reason is not None:
+        return "torch", reason
     if _recordings:
         return "triton", "launches recorded, not run (compile report)"
     if not triton_installed():

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import warnings
 import zipfile
 from typing import Dict, List
 
@@ -74,12 +75,25 @@ def configs_that_fit(state_dict: Dict[str, torch.Tensor]) -> List[str]:
     return fits
 
 
-def load_checkpoint(model: nn.Module, path: str, model_name: str = "") -> None:
-    """Load ``path`` into ``model`` strictly (.npz through ``model.load_pretrained``)."""
+def load_checkpoint(model: nn.Module, path: str, without_head: bool = False) -> None:
+    """Load ``path`` into ``model`` strictly (.npz through ``model.load_pretrained``, which keeps a
+    head that does not fit). ``without_head``: a checkpoint head that does not fit the model's
+    (another ``num_classes``, or none) is left out with a warning, and the model's stays as it was
+    initialised, as timm does when fine-tuning pretrained weights for new classes."""
     if checkpoint_format(path) == "npz":
         model.load_pretrained(path)
-    else:
-        model.load_state_dict(read_state_dict(path))
+        return
+    state = read_state_dict(path)
+    if without_head:
+        own = model.state_dict()
+        misfits = [k for k in ("head.weight", "head.bias")
+                   if k in state and (k not in own or own[k].shape != state[k].shape)]
+        if misfits:
+            warnings.warn(f"{path}: {misfits} do not fit the model's head (num_classes={model.num_classes}) "
+                          "and were not loaded; the head keeps its initial weights", UserWarning, stacklevel=3)
+            state = {k: v for k, v in state.items() if k not in misfits}
+            state.update({k: v for k, v in own.items() if k.startswith("head.")})
+    model.load_state_dict(state)
 
 
 def _to_torch(array: np.ndarray, transpose: bool = True) -> torch.Tensor:

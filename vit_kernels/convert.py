@@ -13,6 +13,7 @@ original modules are kept, and ``restore(model)`` puts them back. Classes are ne
 from __future__ import annotations
 
 import logging
+import warnings
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from functools import partial
@@ -22,6 +23,7 @@ import torch
 from torch import nn
 
 from . import backend, layers
+from .features import Features
 from .layers import has_hooks
 from .vision_transformer import (VisionTransformer, fused_forward, fused_forward_features,
                                  fused_forward_intermediates)
@@ -60,13 +62,15 @@ class _Types:
                          layers.LayerScale: [], layers.DropPath: []}
         self.layer_norm_forwards = {nn.LayerNorm.forward, layers.LayerNorm.forward}
         self.activations = {layers.QuickGELU: "quick_gelu"}
+        self.feature_wrappers = [Features]  # features_only models: the ViT is their .model
         try:
             import timm.layers as tl
             from timm.layers import activations
-            from timm.models import vision_transformer as tv
+            from timm.models import _features, vision_transformer as tv
         except ImportError:
             return
         self.models.append(tv.VisionTransformer)
+        self.feature_wrappers.append(_features.FeatureGetterNet)
         for vk_class, timm_class in ((layers.Block, tv.Block), (layers.Attention, tl.Attention),
                                      (layers.Mlp, tl.Mlp), (layers.PatchEmbed, tl.PatchEmbed),
                                      (layers.LayerScale, tl.LayerScale), (layers.DropPath, tl.DropPath)):
@@ -104,17 +108,18 @@ def optimize(model: nn.Module, *, attention: bool = True, mlp: bool = True, norm
     left as it is and named in ``model.vit_kernels_report`` (also logged). A second call does
     nothing; ``restore`` undoes it.
     """
+    types = _Types()
+    wrapper, model = model, _unwrap(model, types)
     blocks = getattr(model, "blocks", None) if isinstance(model, nn.Module) else None
     if not isinstance(blocks, (nn.Sequential, nn.ModuleList)):
         raise TypeError("optimize expects a Vision Transformer: an nn.Module with a `blocks` nn.Sequential "
-                        "or nn.ModuleList of transformer blocks (a timm or vit_kernels VisionTransformer); "
-                        f"got {type(model).__name__}")
+                        "or nn.ModuleList of transformer blocks (a timm or vit_kernels VisionTransformer, or one "
+                        f"inside {_WRAPPERS}); got {type(model).__name__}")
     if getattr(model, _ORIGINALS, None) is not None:
         log.info("vit_kernels.optimize: %s is already optimized; nothing to do", type(model).__name__)
-        return model
+        return wrapper
     _check_servable(model)
 
-    types = _Types()
     flags = dict(attention=attention, mlp=mlp, norm=norm)
     report = OptimizeReport()
     plan: Dict[str, nn.Module] = {}
@@ -154,24 +159,52 @@ def optimize(model: nn.Module, *, attention: bool = True, mlp: bool = True, norm
     report.fused_stream = override_forward or (vk_model and not overridden)
     setattr(model, _ORIGINALS, originals)
     setattr(model, REPORT_ATTR, report)
-    log.info("%s", report)
-    return model
+    if report.swapped or report.fused_stream:
+        log.info("%s", report)
+    else:
+        warnings.warn(f"{report}\n(nothing was swapped: the model runs as it did)", RuntimeWarning, stacklevel=2)
+    return wrapper
 
 
 def restore(model: nn.Module) -> nn.Module:
     """Undo ``optimize``: the original modules back in place (Parameters were always shared)."""
+    wrapper, model = model, _unwrap(model, _Types())
     originals = model.__dict__.pop(_ORIGINALS, None)
     if originals is None:
-        return model
+        return wrapper
     for name, original in reversed(originals.items()):
         original.train(model.get_submodule(name).training)
         _set_submodule(model, name, original)
     for attr in (*_FUSED_METHODS, REPORT_ATTR):
         model.__dict__.pop(attr, None)
-    return model
+    return wrapper
 
 
 # --- checks -----------------------------------------------------------------------------------
+
+_WRAPPERS = "torch.compile's OptimizedModule, DistributedDataParallel, DataParallel or a features_only model"
+
+
+def _unwrap(model: nn.Module, types: _Types) -> nn.Module:
+    """The model inside the wrappers optimize sees through (``_WRAPPERS``): they call it, so its
+    swapped modules and forward are what runs. A model sharded by FSDP is refused: FSDP has taken
+    over the Parameters of the modules optimize would swap."""
+    from torch._dynamo.eval_frame import OptimizedModule
+    while True:
+        if torch.distributed.is_available():
+            from torch.distributed.fsdp import FSDPModule, FullyShardedDataParallel
+            if any(isinstance(m, (FSDPModule, FullyShardedDataParallel)) for m in model.modules()):
+                raise RuntimeError("vit_kernels.optimize: the model is sharded by FSDP (fully_shard); call "
+                                   "vk.optimize(model) before fully_shard. The model was left unchanged.")
+        if isinstance(model, OptimizedModule):
+            model = model._orig_mod
+        elif isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
+            model = model.module
+        elif isinstance(model, tuple(types.feature_wrappers)):
+            model = model.model
+        else:
+            return model
+
 
 def _check_servable(model: nn.Module) -> None:
     """Raise (before anything is swapped) if the ops cannot run on the model's device and dtype."""

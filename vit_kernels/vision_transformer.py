@@ -578,27 +578,93 @@ MODEL_CONFIGS: Dict[str, dict] = {
 }
 
 
+# The default pretrained tag of each config (what timm.create_model(name) describes in its
+# ``pretrained_cfg``): the tag, the normalisation its weights expect, and the eval crop.
+_INCEPTION = dict(mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))
+_IMAGENET = dict(mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225))
+_OPENAI_CLIP = dict(mean=(0.48145466, 0.4578275, 0.40821073), std=(0.26862954, 0.26130258, 0.27577711))
+DEFAULT_TAGS: Dict[str, dict] = {
+    "vit_tiny_patch16_224": dict(tag="augreg_in21k_ft_in1k", crop_pct=0.9, **_INCEPTION),
+    "vit_small_patch16_224": dict(tag="augreg_in21k_ft_in1k", crop_pct=0.9, **_INCEPTION),
+    "vit_base_patch16_224": dict(tag="augreg2_in21k_ft_in1k", crop_pct=0.9, **_INCEPTION),
+    "vit_large_patch16_224": dict(tag="augreg_in21k_ft_in1k", crop_pct=0.9, **_INCEPTION),
+    "vit_base_patch32_224": dict(tag="augreg_in21k_ft_in1k", crop_pct=0.9, **_INCEPTION),
+    "vit_huge_patch14_224": dict(tag="orig_in21k", crop_pct=0.9, **_INCEPTION),
+    "vit_small_patch14_dinov2": dict(tag="lvd142m", crop_pct=1.0, **_IMAGENET),
+    "vit_base_patch14_dinov2": dict(tag="lvd142m", crop_pct=1.0, **_IMAGENET),
+    "vit_base_patch14_reg4_dinov2": dict(tag="lvd142m", crop_pct=1.0, **_IMAGENET),
+    "vit_base_patch16_clip_224": dict(tag="laion2b_ft_in12k_in1k", crop_pct=0.95, **_OPENAI_CLIP),
+    "vit_base_patch16_siglip_224": dict(tag="v2_webli", crop_pct=0.9, **_INCEPTION),
+    "vit_medium_patch16_reg4_gap_256": dict(tag="sbb_in12k_ft_in1k", crop_pct=0.95, **_INCEPTION),
+}
+# The keys of timm's pretrained_cfg that describe the model and its input (no download URLs).
+PRETRAINED_CFG_KEYS = ("architecture", "tag", "num_classes", "input_size", "fixed_input_size", "interpolation",
+                       "crop_pct", "crop_mode", "mean", "std", "pool_size", "first_conv", "classifier")
+
+
 def list_models() -> List[str]:
     return sorted(MODEL_CONFIGS)
 
 
-def create_model(model_name: str, pretrained: bool = False, checkpoint_path: Optional[str] = None,
-                 **overrides) -> VisionTransformer:
-    """Build a timm-named ViT; ``checkpoint_path`` loads a safetensors, torch.save or JAX/Flax .npz
-    file, the format read from its content (not its name).
+def pretrained_cfg(model_name: str) -> dict:
+    """timm's ``pretrained_cfg`` (``PRETRAINED_CFG_KEYS``) for ``"arch"`` or ``"arch.tag"``.
 
-    Nothing is ever downloaded: ``pretrained=True`` needs a ``checkpoint_path``.
-    """
-    if model_name not in MODEL_CONFIGS:
+    The default tag of every config is known here; another tag is read from timm's registry,
+    so it needs timm installed."""
+    arch, _, tag = model_name.partition(".")
+    if arch not in MODEL_CONFIGS:
         import difflib
-        close = difflib.get_close_matches(model_name, MODEL_CONFIGS, n=3, cutoff=0.5)
+        close = difflib.get_close_matches(arch, MODEL_CONFIGS, n=3, cutoff=0.5)
         hint = f"; did you mean {close}?" if close else f"; known models: {list_models()}"
         raise KeyError(f"unknown model_name {model_name!r}{hint}")
+    default = DEFAULT_TAGS[arch]
+    if tag and tag != default["tag"]:
+        try:
+            import timm
+        except ImportError:
+            raise KeyError(f"model_name {model_name!r}: the tag {tag!r} is not {arch}'s default "
+                           f"({default['tag']!r}); other tags are read from timm's registry: install timm") from None
+        try:
+            found = timm.models.get_pretrained_cfg(model_name)
+        except RuntimeError:  # timm's "Invalid pretrained tag"
+            found = None
+        if found is None or found.architecture != arch:
+            raise KeyError(f"model_name {model_name!r}: timm knows no pretrained tag {tag!r} for {arch} "
+                           f"(its tags: {timm.list_pretrained(arch + '.*')})")
+        found = found.to_dict()
+        return {key: found.get(key) for key in PRETRAINED_CFG_KEYS}
+    config = MODEL_CONFIGS[arch]
+    return dict(architecture=arch, tag=default["tag"], num_classes=config.get("num_classes", 1000),
+                input_size=(3, *to_2tuple(config.get("img_size", 224))), fixed_input_size=True,
+                interpolation="bicubic", crop_pct=default["crop_pct"], crop_mode="center", mean=default["mean"],
+                std=default["std"], pool_size=None, first_conv="patch_embed.proj", classifier="head")
+
+
+def create_model(model_name: str, pretrained: bool = False, checkpoint_path: Optional[str] = None,
+                 features_only: bool = False, out_indices: Union[int, List[int]] = 3,
+                 feature_cfg: Optional[dict] = None, **overrides) -> nn.Module:
+    """Build a timm-named ViT (``"arch"`` or timm's ``"arch.tag"``); ``checkpoint_path`` loads a
+    safetensors, torch.save or JAX/Flax .npz file, the format read from its content (not its name).
+
+    As timm's: the tag's ``num_classes``, image size and channels are the defaults (``overrides``
+    win), ``model.pretrained_cfg`` (also ``default_cfg``) describes it, and a checkpoint whose head
+    does not fit an explicit ``num_classes`` loads without its head. ``features_only`` returns a
+    ``features.Features`` (the outputs of blocks ``out_indices``; ``feature_cfg``: ``output_fmt``,
+    ``norm``). Nothing is ever downloaded: ``pretrained=True`` needs a ``checkpoint_path``.
+    """
+    cfg = pretrained_cfg(model_name)
+    arch = cfg["architecture"]
     if pretrained and checkpoint_path is None:
         raise ValueError(f"pretrained=True needs checkpoint_path: vit_kernels never downloads weights "
                          f"(save timm.create_model({model_name!r}, pretrained=True).state_dict() and pass it)")
-    model = VisionTransformer(**{**MODEL_CONFIGS[model_name], **overrides})
+    tag_defaults = dict(num_classes=cfg["num_classes"], img_size=tuple(cfg["input_size"][1:]),
+                        in_chans=cfg["input_size"][0])
+    model = VisionTransformer(**{**MODEL_CONFIGS[arch], **tag_defaults, **overrides})
+    model.pretrained_cfg = model.default_cfg = cfg
     if checkpoint_path is not None:
         from .checkpoint import load_checkpoint
-        load_checkpoint(model, checkpoint_path, model_name)
+        load_checkpoint(model, checkpoint_path, without_head="num_classes" in overrides)
+    if features_only:
+        from .features import Features
+        return Features(model, out_indices, **(feature_cfg or {}))
     return model

@@ -29,8 +29,9 @@ WEIGHT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 def extension_choice(device: torch.device | str) -> tuple[str, str]:
     """("extension" | "torch", why) for patch_embed on ``device`` (loads the extension if needed)."""
     device = torch.device(device)
-    if backend.get_backend() == "torch":
-        return "torch", "backend 'torch' selected"
+    reason = backend.reference_reason()
+    if reason is not None:
+        return "torch", reason
     if not _extension_ready():
         return "torch", f"PyTorch reference: the extension is unavailable ({_extension.status()[1]})"
     if not _extension.has_kernel(device.type):
@@ -150,7 +151,7 @@ def patch_embed(images: torch.Tensor, weight: torch.Tensor, bias: Optional[torch
     """
     mean, std = _channel_vector("mean", mean, images), _channel_vector("std", std, images)
     _check(images, weight, bias, pos_embed, prefix_tokens, mean, std, pad)
-    if backend.get_backend() != "torch" and _use_extension(images.device.type):
+    if backend.reference_reason() is None and _use_extension(images.device.type):
         return torch.ops.vit_kernels.patch_embed.default(images, weight, bias, pos_embed, prefix_tokens,
                                                          mean, std, pad)
     return _reference(images, weight, bias, pos_embed, prefix_tokens, mean, std, pad)
@@ -204,11 +205,13 @@ def _backward(ctx, grad: torch.Tensor):
 
 
 _python_parts_registered = False
-# device type -> whether the extension runs it; a dict lookup is what torch.compile traces
-# (with a guard), so only the first, eager, call per device type goes through the loader.
+# device type -> whether the extension runs it: the loader runs once per device type.
 _extension_for: dict[str, bool] = {}
 
 
+# torch.compile runs this when it traces (the loader's lock and build cannot be traced, and a
+# fullgraph compile may be the first call in a process) and keeps the answer as a constant.
+@torch.compiler.assume_constant_result
 def _use_extension(device_type: str) -> bool:
     ok = _extension_for.get(device_type)
     if ok is None:
