@@ -1,15 +1,17 @@
-"""Command line: python -m vit_kernels {info,bench,compile-report}."""
+"""Command line: python -m vit_kernels {info,bench,compile-report}, --version."""
 from __future__ import annotations
 
 import argparse
 import importlib
 import os
 import platform
+import subprocess
 import sys
+from pathlib import Path
 
 import torch
 
-from . import backend, ops
+from . import __version__, backend, ops
 from . import bench as harness
 
 # The Plan fields whose option is not --<field>, for naming the option in an error.
@@ -23,8 +25,24 @@ def _version(module: str) -> str:
         return f"not available ({type(error).__name__})"
 
 
+def _commit() -> str:
+    """The git commit of the package's source (with "+ local changes" when the tree differs), or why not."""
+    source = Path(__file__).resolve().parent.parent
+    try:
+        def git(*args):
+            return subprocess.run(["git", "-C", str(source), *args], capture_output=True, text=True,
+                                  timeout=10, check=True).stdout.strip()
+        if Path(git("rev-parse", "--show-toplevel")).resolve() != source:
+            return "unknown (the package is not in a git checkout of its own)"
+        changed = git("status", "--porcelain", "--untracked-files=no", "--", "vit_kernels", "csrc")
+        return git("rev-parse", "--short=12", "HEAD") + (" + local changes" if changed else "")
+    except (OSError, subprocess.SubprocessError) as error:
+        return f"unknown ({type(error).__name__})"
+
+
 def info(_args) -> int:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    print(f"vit_kernels {__version__} (commit {_commit()})")
     print(f"python   {platform.python_version()}")
     for module in ("torch", "triton", "timm"):
         print(f"{module:<8} {_version(module)}")
@@ -99,6 +117,7 @@ def compile_report(args) -> int:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m vit_kernels", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"vit_kernels {__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
     commands.add_parser("info", help="versions, device, and which implementation each op uses here")
     bench_parser = commands.add_parser(

@@ -422,7 +422,7 @@ def class_token_only(model: nn.Module) -> bool:
     if (model.training or model.global_pool != "token" or getattr(model, "attn_pool", None) is not None
             or len(model.blocks) == 0):
         return False
-    return not any(has_hooks(m) for m in (*model.blocks[-1].modules(), model.norm))
+    return not any(has_hooks(m) for m in (model.blocks, *model.blocks[-1].modules(), model.norm))
 
 
 def _run_block(block: nn.Module, x: torch.Tensor, pending: Pending, grad_checkpointing: bool,
@@ -445,10 +445,14 @@ def run_blocks(blocks, x: torch.Tensor, final_norm: nn.Module, grad_checkpointin
                ) -> torch.Tensor:
     """final_norm(blocks(x)), every residual add of a ``layers.Block`` done by the LayerNorm after it.
 
-    ``cls_only`` applies when the last block is a ``Block``: the result is then (B, 1, C).
+    ``cls_only`` applies when the last block is a ``Block``: the result is then (B, 1, C). With
+    hooks on the container itself it is called, as timm's forward calls it (unmasked, without
+    checkpointing), so they fire.
     """
-    blocks = list(blocks)
     grad_checkpointing = grad_checkpointing and torch.is_grad_enabled()
+    if has_hooks(blocks) and attn_mask is None and not is_causal and not grad_checkpointing:
+        return final_norm(blocks(x))
+    blocks = list(blocks)
     pending = None
     for i, block in enumerate(blocks):
         x, pending = _run_block(block, x, pending, grad_checkpointing, cls_only and i == len(blocks) - 1,
