@@ -5,6 +5,7 @@ with it to within PyTorch's own rounding error.
 """
 from __future__ import annotations
 
+import contextlib
 from typing import Callable, Optional
 
 import torch
@@ -16,10 +17,52 @@ Norm = Optional[Callable[[torch.Tensor], torch.Tensor]]
 def attention(q, k, v, scale: Optional[float] = None, dropout_p: float = 0.0) -> torch.Tensor:
     """softmax(scale * q @ k^T) @ v over (B, H, N, D) tensors; ``scale`` defaults to D ** -0.5."""
     scale = q.shape[-1] ** -0.5 if scale is None else scale
-    probs = torch.softmax((q * scale) @ k.transpose(-2, -1), dim=-1)
     if dropout_p > 0:
-        probs = F.dropout(probs, p=dropout_p)
-    return probs @ v
+        # The mask drawn as F.dropout draws it, as timm's SDPA does on a CPU; autograd keeps it and
+        # the probabilities, as SDPA's math path does.
+        return F.dropout(_probabilities(q, k, scale), p=dropout_p) @ v
+    return _Attention.apply(q, k, v, scale)
+
+
+def _probabilities(q, k, scale: float) -> torch.Tensor:
+    return torch.softmax((q * scale) @ k.transpose(-2, -1), dim=-1)
+
+
+class _Attention(torch.autograd.Function):
+    """``_probabilities(q, k, scale) @ v`` keeping only q, k, v for the backward. Autograd would keep
+    the (B, H, N, N) scores and probabilities; timm's SDPA keeps q, k, v, out and lse.
+
+    The backward recomputes the probabilities (one q @ k^T more) under the forward's autocast, so it
+    rounds where the forward did, then applies the gradient formulas as differentiable ops, so
+    double backward works (SDPA's CPU kernel has none).
+    """
+
+    @staticmethod
+    def forward(q, k, v, scale: float) -> torch.Tensor:
+        return _probabilities(q, k, scale) @ v
+
+    @staticmethod
+    def setup_context(ctx, inputs, output) -> None:
+        q, k, v, ctx.scale = inputs
+        ctx.save_for_backward(q, k, v)
+        device = q.device.type
+        autocast = torch.amp.is_autocast_available(device) and torch.is_autocast_enabled(device)
+        ctx.autocast_dtype = torch.get_autocast_dtype(device) if autocast else None
+
+    @staticmethod
+    def backward(ctx, dout):
+        q, k, v = ctx.saved_tensors
+        dtype = ctx.autocast_dtype
+        with torch.autocast(q.device.type, dtype) if dtype is not None else contextlib.nullcontext():
+            probs = _probabilities(q, k, ctx.scale)
+            # In the probabilities' dtype, as autograd hands it on (float32 where autocast runs softmax so).
+            dprobs = (dout @ v.transpose(-2, -1)).to(probs.dtype)
+            dscores = probs * (dprobs - (dprobs * probs).sum(-1, keepdim=True))  # softmax's backward
+            # Scaled in q's dtype, as autograd scales the gradient of q * scale.
+            dq = (dscores @ k).to(q.dtype) * ctx.scale
+            dk = dscores.transpose(-2, -1) @ (q * ctx.scale)
+            dv = probs.transpose(-2, -1) @ dout
+        return dq, dk, dv, None
 
 
 def split_qkv(qkv: torch.Tensor, num_heads: int):

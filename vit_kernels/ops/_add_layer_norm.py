@@ -55,34 +55,36 @@ def _fwd(x: Tensor, residual: Optional[Tensor], weight: Optional[Tensor], bias: 
     return normed, new_residual, mean, rstd
 
 
-def _bwd(dnormed: Tensor, dnew_residual: Optional[Tensor], h: Tensor, x: Tensor, weight: Optional[Tensor],
+def _bwd(dnormed: Tensor, dnew_residual: Optional[Tensor], h: Tensor, x: Optional[Tensor], weight: Optional[Tensor],
          has_bias: bool, gamma: Optional[Tensor], row_scale: Optional[Tensor], mean: Tensor, rstd: Tensor,
          residual_dtype: Optional[torch.dtype], row_scale_grad: bool
          ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """-> (dx, dresidual, dweight, dbias, dgamma, drow_scale); the last four fp32; absent ones empty.
 
-    ``h`` is new_residual (or x when new_residual is x); ``residual_dtype`` None: no d(residual).
+    ``h`` is new_residual (or x when new_residual is x); ``x`` None when no gradient reads it (no
+    gamma, no row_scale gradient); ``residual_dtype`` None: no d(residual). d(x) has dnormed's dtype, x's.
     """
-    width = x.shape[-1]
-    dy2, h2, x2 = _rows(dnormed, width), _rows(h, width), _rows(x, width)
+    width = h.shape[-1]
+    dy2, h2 = _rows(dnormed, width), _rows(h, width)
+    x2 = h2 if x is None else _rows(x, width)  # without x, h stands in: its values go unused
     dnr2 = dy2 if dnew_residual is None else _rows(dnew_residual, width)
-    rows = x2.shape[0]
+    rows = h2.shape[0]
     block_m, block_n, num_warps = kernels.add_layer_norm_config(width, rows, backend.interpreter_enabled())
     programs = triton.cdiv(rows, block_m)
-    dx = x.new_empty(x.shape)
+    dx = dnormed.new_empty(h.shape)
     store_dr = residual_dtype is not None
-    dresidual = x.new_empty(x.shape if store_dr else (0,), dtype=residual_dtype or x.dtype)
+    dresidual = h.new_empty(h.shape if store_dr else (0,), dtype=residual_dtype or dx.dtype)
     dr2 = _rows(dresidual, width) if store_dr else dx.view(-1, width)
 
     def partials(present: bool) -> Tensor:
-        return x.new_empty((programs, width) if present else (0,), dtype=torch.float32)
+        return h.new_empty((programs, width) if present else (0,), dtype=torch.float32)
 
     dw_part, db_part, dg_part = partials(weight is not None), partials(has_bias), partials(gamma is not None)
-    drow = x.new_empty((rows,) if row_scale_grad else (0,), dtype=torch.float32)
+    drow = h.new_empty((rows,) if row_scale_grad else (0,), dtype=torch.float32)
     if rows:
         backend.launcher(kernels._add_layer_norm_bwd)[(programs,)](
             dy2, dnr2, h2, x2, gamma, row_scale, weight, mean, rstd, dx, dr2, dw_part, db_part, dg_part, drow,
-            rows, width, _rows_per_sample(x),
+            rows, width, _rows_per_sample(h),
             dy2.stride(0), dy2.stride(1), dnr2.stride(0), dnr2.stride(1), h2.stride(0), h2.stride(1),
             x2.stride(0), x2.stride(1), width, width,
             BLOCK_M=block_m, BLOCK_N=block_n, HAS_DNR=dnew_residual is not None, HAS_GAMMA=gamma is not None,
@@ -90,13 +92,13 @@ def _bwd(dnormed: Tensor, dnew_residual: Optional[Tensor], h: Tensor, x: Tensor,
             STORE_DR=store_dr, ROW_SCALE_GRAD=row_scale_grad, num_warps=num_warps)
     # Fixed-order fp32 sums over the per-program partials: deterministic, no atomics.
     dweight, dbias, dgamma = (p.sum(0) if p.numel() else p for p in (dw_part, db_part, dg_part))
-    drow_scale = drow.view(x.shape[0], _rows_per_sample(x)).sum(1) if row_scale_grad else drow
+    drow_scale = drow.view(h.shape[0], _rows_per_sample(h)).sum(1) if row_scale_grad else drow
     return dx, dresidual, dweight, dbias, dgamma, drow_scale
 
 
 _FWD_SCHEMA = ("(Tensor x, Tensor? residual, Tensor? weight, Tensor? bias, Tensor? gamma, Tensor? row_scale, "
                "float eps, ScalarType residual_dtype, bool store_residual) -> (Tensor, Tensor, Tensor, Tensor)")
-_BWD_SCHEMA = ("(Tensor dnormed, Tensor? dnew_residual, Tensor h, Tensor x, Tensor? weight, bool has_bias, "
+_BWD_SCHEMA = ("(Tensor dnormed, Tensor? dnew_residual, Tensor h, Tensor? x, Tensor? weight, bool has_bias, "
                "Tensor? gamma, Tensor? row_scale, Tensor mean, Tensor rstd, ScalarType? residual_dtype, "
                "bool row_scale_grad) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)")
 add_layer_norm_bwd_op = backend.kernel_op("vit_kernels::add_layer_norm_bwd", _bwd, schema=_BWD_SCHEMA)
@@ -105,7 +107,11 @@ add_layer_norm_bwd_op = backend.kernel_op("vit_kernels::add_layer_norm_bwd", _bw
 def _setup_context(ctx, inputs, output):
     x, residual, weight, bias, gamma, row_scale, _eps, _residual_dtype, store_residual = inputs
     _normed, new_residual, mean, rstd = output
-    ctx.save_for_backward(new_residual if store_residual else x, x, weight, gamma, row_scale, mean, rstd)
+    # x is read for d(gamma) and d(row_scale) only; else new_residual is all the backward keeps of the
+    # activations, as timm's add then LayerNorm keeps only the LayerNorm's input.
+    reads_x = gamma is not None or (row_scale is not None and ctx.needs_input_grad[5])
+    ctx.save_for_backward(new_residual if store_residual else x, x if reads_x else None, weight, gamma, row_scale,
+                          mean, rstd)
     ctx.residual_dtype = None if residual is None else residual.dtype
     ctx.bias_dtype = None if bias is None else bias.dtype
     ctx.store_residual = store_residual
@@ -118,7 +124,7 @@ def _backward(ctx, dnormed, dnew_residual, _dmean, _drstd):
     if not ctx.store_residual:
         dnew_residual = None  # new_residual is x itself there; its gradient reaches x directly
     # Without gamma and row_scale, d(x) = d(residual): one store serves both when dtypes agree.
-    shared = gamma is None and row_scale is None and ctx.residual_dtype == x.dtype
+    shared = gamma is None and row_scale is None and ctx.residual_dtype == dnormed.dtype
     store_dr = ctx.residual_dtype is not None and not shared
     dx, dres, dw, db, dg, ds = add_layer_norm_bwd_op(
         dnormed, dnew_residual, h, x, weight, ctx.bias_dtype is not None, gamma, row_scale, mean, rstd,

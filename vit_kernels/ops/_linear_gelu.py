@@ -161,9 +161,10 @@ def _fwd(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], ac
 def _bwd(grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
          pre: torch.Tensor, activation: str, need_dx: bool, need_dw: bool,
          need_db: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(dx (M, K), dw (N, K), db (N,)) for grad (M, N); an unneeded one is returned as (0,).
+    """(dx (M, K), dw (N, K), db (N,)) for grad (M, N); an unneeded one (False for an absent bias) is
+    returned as (0,).
 
-    ``pre`` is the saved pre-activation (M, N), or (0,) to recompute it.
+    ``pre`` is the saved pre-activation (M, N), or (0,) to recompute it with ``bias`` (read only then).
     """
     M, K = x.shape
     N = weight.shape[0]
@@ -179,7 +180,7 @@ def _bwd(grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, bias: Option
                     epilogue=kernels.EPILOGUE_GRAD_OF_ACC, aux=grad)
     dx = gemm(grad, weight, x.new_empty((M, K))) if need_dx else x.new_empty((0,))
     dw = weight_grad(grad, x) if need_dw else x.new_empty((0,))
-    db = bias_grad(grad) if need_db and bias is not None else x.new_empty((0,))
+    db = bias_grad(grad) if need_db else x.new_empty((0,))
     return dx, dw, db
 
 
@@ -190,7 +191,9 @@ def _setup_context(ctx, inputs, output):
     x, weight, bias, activation, _ = inputs
     _, pre = output
     ctx.mark_non_differentiable(pre)
-    ctx.save_for_backward(x, weight, bias, pre)
+    # The bias gradient is a column sum of the output gradient: the bias is kept only to recompute pre.
+    recomputes = activation != "none" and pre.numel() == 0
+    ctx.save_for_backward(x, weight, bias if recomputes else None, pre)
     ctx.activation = activation
 
 

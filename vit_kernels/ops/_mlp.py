@@ -5,8 +5,9 @@ that produces dH = dY @ W2, and takes the fc1 bias gradient from that epilogue's
 the four other GEMMs are plain (see ``kernels/gemm.py`` for the launches). Two separate ops
 would need act' either inside a K loop or in an extra pass over an (M, 4C) tensor.
 
-Saved for the backward (like timm's eager Mlp): x, the pre-activation and h = act(pre). With
-``recompute=True`` only x: the backward recomputes both with one GEMM (fc1's forward again).
+Saved for the backward (like timm's eager Mlp): x, the weights, the pre-activation and h = act(pre).
+With ``recompute=True`` x, the weights and fc1's bias: the backward recomputes both with one GEMM
+(fc1's forward again). Neither bias is kept otherwise: their gradients are column sums of output gradients.
 """
 from __future__ import annotations
 
@@ -41,10 +42,11 @@ def _fwd(x: torch.Tensor, fc1_weight: torch.Tensor, fc1_bias: Optional[torch.Ten
 
 
 def _bwd(grad: torch.Tensor, x: torch.Tensor, fc1_weight: torch.Tensor, fc1_bias: Optional[torch.Tensor],
-         fc2_weight: torch.Tensor, fc2_bias: Optional[torch.Tensor], pre: torch.Tensor, h: torch.Tensor,
+         fc2_weight: torch.Tensor, pre: torch.Tensor, h: torch.Tensor,
          activation: str, needs: list[bool]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dx, d fc1_weight, d fc1_bias, d fc2_weight, d fc2_bias) for grad (M, C_out); an unneeded
-    one (``needs``, in that order) is returned as (0,). pre and h (0,): recompute them."""
+    one (``needs``, in that order; False for an absent bias) is returned as (0,). pre and h (0,):
+    recompute them with fc1_bias (read only then)."""
     need_dx, need_dw1, need_db1, need_dw2, need_db2 = needs
     M, H = x.shape[0], fc1_weight.shape[0]
     if pre.numel() == 0:
@@ -53,9 +55,8 @@ def _bwd(grad: torch.Tensor, x: torch.Tensor, fc1_weight: torch.Tensor, fc1_bias
     grads = [x.new_empty((0,)) for _ in range(5)]
     if need_dw2:
         grads[3] = weight_grad(grad, h)
-    if need_db2 and fc2_bias is not None:
+    if need_db2:
         grads[4] = bias_grad(grad)
-    need_db1 = need_db1 and fc1_bias is not None
     if need_dx or need_dw1 or need_db1:
         col_sums = col_sum_buffer(M, H, x) if need_db1 else None
         dpre = gemm(grad, fc2_weight, x.new_empty((M, H)), act=activation, epilogue=kernels.EPILOGUE_GRAD_OF_AUX,
@@ -73,10 +74,10 @@ mlp_bwd_op = backend.kernel_op("vit_kernels::mlp_bwd", _bwd)
 
 
 def _setup_context(ctx, inputs, output):
-    x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, activation, _ = inputs
+    x, fc1_weight, fc1_bias, fc2_weight, _fc2_bias, activation, _ = inputs
     _, pre, h = output
     ctx.mark_non_differentiable(pre, h)
-    ctx.save_for_backward(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, pre, h)
+    ctx.save_for_backward(x, fc1_weight, None if pre.numel() else fc1_bias, fc2_weight, pre, h)
     ctx.activation = activation
 
 
