@@ -21,6 +21,10 @@ def attention(q, k, v, scale: Optional[float] = None, dropout_p: float = 0.0) ->
         # The mask drawn as F.dropout draws it, as timm's SDPA does on a CPU; autograd keeps it and
         # the probabilities, as SDPA's math path does.
         return F.dropout(_probabilities(q, k, scale), p=dropout_p) @ v
+    if torch.compiler.is_compiling():
+        # A compiled graph plans what it keeps for the backward itself (and torch 2.11's dynamo cannot
+        # trace the autocast queries in _Attention.setup_context).
+        return _probabilities(q, k, scale) @ v
     return _Attention.apply(q, k, v, scale)
 
 
